@@ -1,0 +1,1 @@
+"""The Typer skin of guardalign: flag parsing only; every command calls one library function."""

@@ -1,0 +1,58 @@
+"""Frozen configuration dataclasses. YAML and CLI flags are validated into these at the edge."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("ot", "global")
+PATCH_MODES = ("grid", "dense")
+WEIGHTINGS = ("entropy", "uniform", "entropy_positive")
+AGGREGATES = ("normalized", "paper")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model: str = "ViT-B-32"  # open_clip registry name, or path to an open_clip model-config JSON
+    pretrained: str = "openai"  # open_clip pretrained tag, a local checkpoint path, or "none" (random weights)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"  # "fp32", "fp16" or "bf16" for the image tower
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    method: str = "ot"  # "ot" (entropy-weighted optimal transport over patches) or "global" (ETA cosine baseline)
+    patches: str = "grid"  # "grid" (crop r×c windows, paper) or "dense" (one forward pass, value-path tokens)
+    grid: int = 3  # grid mode: windows per side
+    stride: float = 1.0  # grid mode: window stride as a fraction of the window; < 1 overlaps windows
+    scales: tuple[int, ...] = ()  # grid mode: extra grid sizes to add (multi-scale), e.g. (2, 4)
+    tau: float | None = None  # override every category's τ (None: take τ from the anchors YAML)
+    theta: float = 0.16  # global method: unsafe when cos(image, category mean) ≥ θ (ETA's value)
+    eps: float = 0.05  # entropic regularisation ε of the Sinkhorn problems
+    max_iter: int = 1000  # Sinkhorn iteration cap
+    sinkhorn_tol: float = 1e-6  # Sinkhorn marginal-violation tolerance
+    patch_weighting: str = "entropy"  # a^m: "entropy" (softmax(−h), ruling), "uniform", "entropy_positive" (softmax(+h), paper print)
+    variant_weighting: str = "entropy"  # b_i^n: same choices as patch_weighting
+    aggregate: str = "normalized"  # decision score: "normalized" d_i(m) (ruling) or "paper" d_paper(m)
+    batch_size: int = 32  # images per encoder batch
+
+    def validate(self) -> "DetectConfig":
+        """Return self, or raise ConfigError naming the bad field."""
+        from guardalign.errors import ConfigError
+
+        checks = [
+            ("method", self.method in METHODS, f"one of {METHODS}"),
+            ("patches", self.patches in PATCH_MODES, f"one of {PATCH_MODES}"),
+            ("grid", isinstance(self.grid, int) and 1 <= self.grid <= 32, "an integer in [1, 32]"),
+            ("stride", 0 < self.stride <= 1, "a fraction in (0, 1]"),
+            ("scales", all(isinstance(s, int) and 1 <= s <= 32 for s in self.scales), "integers in [1, 32]"),
+            ("tau", self.tau is None or 0 < self.tau <= 2, "a number in (0, 2] (a cost 1 − cos)"),
+            ("theta", -1 <= self.theta <= 1, "a cosine in [-1, 1]"),
+            ("eps", self.eps > 0, "a positive number"),
+            ("patch_weighting", self.patch_weighting in WEIGHTINGS, f"one of {WEIGHTINGS}"),
+            ("variant_weighting", self.variant_weighting in WEIGHTINGS, f"one of {WEIGHTINGS}"),
+            ("aggregate", self.aggregate in AGGREGATES, f"one of {AGGREGATES}"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+        ]
+        for field, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"invalid {field}={getattr(self, field)!r}: expected {expected}")
+        return self
