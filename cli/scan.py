@@ -1,0 +1,64 @@
+"""`guardalign scan`: flag parsing only; the work is guardalign.scan.scan()."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from cli._common import call, stdin_if_dash
+
+HELP = """Score images for unsafe content and write one record per image.
+
+INPUTS are folders (recursive), image files, .parquet files or folders of them, or '-' for a list of paths on stdin. Records go to --out (JSONL, or Parquet with --format parquet); '-' is stdout.
+
+Examples:
+
+  guardalign scan photos/ --out scan.jsonl
+
+  guardalign scan data/train.parquet --image-column image --format parquet --out scan.parquet
+
+  find imgs -name '*.png' | guardalign scan - --patches dense --max-unsafe-rate 0.01 --out scan.jsonl
+
+  guardalign scan imgs/ --clip-model ViT-B-32 --pretrained ./open_clip_pytorch_model.bin   # offline weights
+
+Exit codes: 0 done, gates passed · 1 a gate failed (--fail-on-unsafe, --max-unsafe-rate) · 2 usage/config/model error, nothing written · 3 finished, but some inputs could not be read (see their status=error records).
+"""
+
+
+def scan_command(
+    inputs: List[str] = typer.Argument(..., help="Folders, image files, .parquet files, or '-' (paths on stdin)."),
+    anchors: Optional[str] = typer.Option(None, "--anchors", help="Anchor YAML (default: the shipped anchors/default.yaml)."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none' (random: scores meaningless)."),
+    method: str = typer.Option("ot", "--method", help="ot (patch optimal transport) or global (ETA whole-image cosine)."),
+    patches: str = typer.Option("grid", "--patches", help="grid (crop r×c windows) or dense (one forward pass)."),
+    grid: int = typer.Option(3, "--grid", help="Grid mode: windows per side."),
+    stride: float = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window (<1 overlaps)."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (a cost 1−cos; unsafe when d ≤ τ)."),
+    theta: float = typer.Option(0.16, "--theta", help="Global method: unsafe when cos ≥ θ."),
+    out: str = typer.Option("-", "--out", "-o", help="Output file, or '-' for stdout (JSONL)."),
+    format: str = typer.Option("jsonl", "--format", help="jsonl or parquet."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet image column (default: detected)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet column to use as record id (default: file#row)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    workers: int = typer.Option(4, "--workers", help="Image-decoding threads."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip ids already in --out."),
+    fail_on_unsafe: bool = typer.Option(False, "--fail-on-unsafe", help="Exit 1 if any image is unsafe."),
+    max_unsafe_rate: Optional[float] = typer.Option(None, "--max-unsafe-rate", help="Exit 1 if the unsafe fraction exceeds R."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+) -> None:
+    from guardalign.scan import scan
+
+    summary = call(
+        scan,
+        inputs=inputs, anchors=anchors, clip_model=clip_model, pretrained=pretrained, method=method,
+        patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, out=out, format=format,
+        image_column=image_column, id_column=id_column, batch_size=batch_size, device=device,
+        workers=workers, resume=resume, fail_on_unsafe=fail_on_unsafe, max_unsafe_rate=max_unsafe_rate,
+        stdin=stdin_if_dash(inputs), progress=not quiet,
+    )
+    raise typer.Exit(summary.exit_code)
+
+
+scan_command.__doc__ = HELP
