@@ -191,11 +191,13 @@ def _score_stream(items, detector, done: set[str], summary: ScanSummary, workers
 def _score_batch(batch: list, detector) -> list[dict[str, Any]]:
     """Detect the decodable images of a batch; keep input order, error records for the rest."""
     good = [d for d in batch if d.image is not None and d.error is None and d.item.error is None]
+    t0 = time.perf_counter()
     try:
         dets = iter(detector.detect([d.image for d in good]))
         failure = None
     except Exception as exc:  # a model failure on one batch must not lose the others' records
         dets, failure = iter(()), f"detector failed on this batch: {type(exc).__name__}: {exc}"
+    per_image = (time.perf_counter() - t0) / max(1, len(good))  # amortised model time, for reports
     records = []
     for d in batch:
         base = {"id": d.item.id, "source": d.item.source}
@@ -205,6 +207,7 @@ def _score_batch(batch: list, detector) -> list[dict[str, Any]]:
             continue
         rec = {**base, "status": "ok", "error": None, **next(dets).to_record()}
         rec["notes"] = _notes(d.info)
+        rec["elapsed_s"] = round(per_image, 6)
         records.append(rec)
     return records
 

@@ -31,7 +31,8 @@ SCAN_FIELDS: tuple[tuple[str, str], ...] = (
     ("categories", "map<string,double>"), ("unsafe_patches", "list<int32>"), ("grid", "list<int32>"),
     ("boxes", "list<list<int32>>"), ("patch_scores", "list<double>"), ("patch_boxes", "list<list<int32>>"),
     ("width", "int32"), ("height", "int32"), ("method", "string"), ("patches", "string"),
-    ("model", "string"), ("anchors_sha256", "string"),
+    ("model", "string"), ("anchors_sha256", "string"), ("threshold", "double"),
+    ("box_categories", "list<string>"), ("notes", "list<string>"), ("elapsed_s", "double"),
 )
 EXTRA_FIELD = "extra"  # JSON object string holding every record key not in SCAN_FIELDS
 _JOURNAL_SUFFIX = ".partial.jsonl"
@@ -257,6 +258,7 @@ def scan_schema():
         "string": pa.string(), "double": pa.float64(), "int32": i32,
         "map<string,double>": pa.map_(pa.string(), pa.float64()), "list<int32>": pa.list_(i32),
         "list<list<int32>>": pa.list_(pa.list_(i32)), "list<double>": pa.list_(pa.float64()),
+        "list<string>": pa.list_(pa.string()),
     }
     return pa.schema([(n, types[t]) for n, t in SCAN_FIELDS] + [(EXTRA_FIELD, pa.string())])
 

@@ -18,7 +18,7 @@ from cli.main import app
 RECORD_FIELDS = {
     "id", "source", "status", "error", "verdict", "score", "threshold", "category", "categories",
     "unsafe_patches", "boxes", "box_categories", "grid", "patch_scores", "patch_boxes", "width", "height",
-    "method", "patches", "model", "anchors_sha256", "notes",
+    "method", "patches", "model", "anchors_sha256", "notes", "elapsed_s",
 }
 
 
