@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from cli import report as _report
 from cli import scan as _scan
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ def _root(
 
 
 app.command("scan", no_args_is_help=True)(_scan.scan_command)
+app.command("report", no_args_is_help=True)(_report.report_command)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper for ``python -m cli.main``

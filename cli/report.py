@@ -1,0 +1,57 @@
+"""`guardalign report`: flag parsing only; the work is guardalign.report.report()."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from cli._common import call
+
+HELP = """Turn scan and answer records into one report: a self-contained HTML page, Markdown or JSON.
+
+RECORDS are scan.jsonl / answers.jsonl files (or Parquet); which is which is told from the records. The HTML page inlines everything (CSS, JS, SVG plots, data-URI thumbnails with the patch heatmap) and makes no network request, so it can be mailed around and opened offline. Malformed records are listed as errors in the report.
+
+Examples:
+
+  guardalign report scan.jsonl -o report.html
+
+  guardalign report scan.jsonl answers.jsonl -o report.html --image-root photos/
+
+  guardalign report scan.jsonl --format md >> "$GITHUB_STEP_SUMMARY"
+
+  guardalign report scan.jsonl answers.jsonl --format json -o summary.json
+
+Exit codes: 0 done · 2 usage error or a missing records file, nothing written · 3 written, but some records were malformed (listed in the report).
+"""
+
+
+def report_command(
+    records: List[str] = typer.Argument(..., help="Scan and/or answer record files (.jsonl or .parquet)."),
+    out: Optional[str] = typer.Option(
+        None, "--out", "-o", help="Output file, '-' for stdout. Default: report.html for html, stdout for md/json."
+    ),
+    format: str = typer.Option("html", "--format", "-f", help="html, md (CI logs, PR comments) or json (dashboards)."),
+    max_thumbnails: int = typer.Option(200, "--max-thumbnails", help="Thumbnails per scan (the most severe items)."),
+    max_rows: int = typer.Option(1000, "--max-rows", help="Rows per flagged-items / responses table."),
+    image_root: List[str] = typer.Option(
+        [], "--image-root", help="Folder thumbnails may be read from (repeatable). Default: . and the records' folders."
+    ),
+    title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line on stderr."),
+) -> None:
+    from guardalign.report import report
+
+    summary = call(
+        report, records=records, out=out, format=format, max_thumbnails=max_thumbnails, max_rows=max_rows,
+        image_root=image_root, title=title,
+    )
+    bad = summary["malformed"]["count"]
+    if not quiet:
+        where = out or ("report.html" if format == "html" else "stdout")
+        n_scan = sum(r["records"] for r in summary["scan"])
+        n_ans = summary["answers"]["records"] if summary["answers"] else 0
+        typer.echo(f"report: {n_scan:,} scan records, {n_ans:,} answers, {bad:,} malformed → {where}", err=True)
+    raise typer.Exit(3 if bad else 0)
+
+
+report_command.__doc__ = HELP
