@@ -1,0 +1,1 @@
+"""guardalign benchmarks: ``python -m bench`` runs them all and rewrites bench/RESULTS.md."""
