@@ -34,10 +34,10 @@ from guardalign.errors import ConfigError, ModelLoadError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _HOWTO = (
-    "To use weights already on disk, point at them: `--clip-model ViT-B-32 --pretrained "
-    "/path/to/open_clip_pytorch_model.bin` (a registry name plus a local checkpoint), or "
-    "`--clip-model my-config.json --pretrained ckpt.safetensors` (an open_clip model-config JSON plus "
-    "its checkpoint); `--pretrained none` runs with random weights (scores are meaningless)."
+    "\nTo use weights already on disk, point at them:\n"
+    "  --clip-model ViT-B-32 --pretrained /path/to/open_clip_pytorch_model.bin   (registry name + local checkpoint)\n"
+    "  --clip-model my-config.json --pretrained ckpt.safetensors               (open_clip model-config JSON + checkpoint)\n"
+    "(--pretrained none runs with random weights: scores are meaningless.)"
 )
 
 
@@ -93,12 +93,12 @@ def _register_config_json(path: Path) -> tuple[str, dict | None]:
     import open_clip
 
     if not path.is_file():
-        raise ModelLoadError(f"model config {path} not found. {_HOWTO}")
+        raise ModelLoadError(f"model config {path} not found.{_HOWTO}")
     try:
         raw = path.read_bytes()
         obj = json.loads(raw)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model config {path} is not readable JSON ({_short(exc)}). {_HOWTO}") from None
+        raise ModelLoadError(f"model config {path} is not readable JSON ({_short(exc)}).{_HOWTO}") from None
     cfg = obj.get("model_cfg", obj) if isinstance(obj, dict) else None
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
     if missing:
@@ -134,7 +134,7 @@ def _resolve_weights(arch: str, label: str, pretrained: str) -> tuple[str | None
         what = f"{pretrained!r} is neither a checkpoint file nor a known tag for {label} (known tags: {', '.join(tags)})"
     else:
         what = f"{pretrained!r} is not an existing checkpoint file ({label} has no pretrained tags)"
-    raise ModelLoadError(f"Could not load CLIP weights: {what}. {_HOWTO}")
+    raise ModelLoadError(f"Could not load CLIP weights: {what}.{_HOWTO}")
 
 
 def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", device: str = "auto",
@@ -175,10 +175,12 @@ def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", dev
                 close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
                 raise ModelLoadError(f"Unknown CLIP model {model!r} (not in open_clip's registry"
                                      f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}); "
-                                     f"pass a registry name or an open_clip model-config JSON. {_HOWTO}")
+                                     f"pass a registry name or an open_clip model-config JSON.{_HOWTO}")
         weights, suffix, quick = _resolve_weights(arch, label, pretrained)
     try:
-        with _quiet_logging(), warnings.catch_warnings():
+        from guardalign.hub import offline_if_unreachable
+
+        with _quiet_logging(), warnings.catch_warnings(), offline_if_unreachable():
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")
             clip = open_clip.create_model(arch, pretrained=weights, precision=prec, device=dev,
                                           force_quick_gelu=quick, force_preprocess_cfg=preprocess_cfg,
@@ -192,8 +194,9 @@ def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", dev
             why = f"checkpoint {weights} is corrupt or does not match the architecture"
         else:
             why = "its config or weights could not be fetched or read" if not suffix else "the model could not be built"
-        raise ModelLoadError(f"Could not load CLIP model {label} with pretrained={pretrained!r}: {why} "
-                             f"[{_short(exc)}]. {_HOWTO}") from None
+        detail = "" if "not in the local cache" in why else f" [{_short(exc)}]"
+        raise ModelLoadError(f"Could not load CLIP model {label} with pretrained={pretrained!r}: {why}"
+                             f"{detail}.{_HOWTO}") from None
     name = f"{label}:{suffix}" if suffix else label
     return ClipEncoder(clip, tokenizer, name=name, device=dev)
 
