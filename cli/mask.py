@@ -1,0 +1,65 @@
+"""`guardalign mask`: flag parsing only; the work is guardalign.mask.mask()."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from cli._common import call, stdin_if_dash
+
+HELP = """Write purified copies of images: unsafe patches masked, safe images copied byte-for-byte.
+
+INPUTS are what `scan` takes: folders (mirrored by relative path under --out-dir), image files, .parquet files (written back as Parquet with the same schema, rows and order, the image column replaced) or '-' for paths on stdin. Purified images keep their format where possible, are stored upright and lose EXIF/GPS metadata. --out-dir/manifest.jsonl has one line per item: id, source, status, output, verdict, masked boxes, fill. Rerun the same command to finish an interrupted run.
+
+Examples:
+
+  guardalign mask photos/ --out-dir clean/
+
+  guardalign scan data/ --out scan.jsonl && guardalign mask data/ --from-scan scan.jsonl --out-dir clean/ --overlay
+
+  guardalign mask train.parquet --out-dir clean/ --fill blur --dilate 8 --only-unsafe
+
+Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other anchors or model (nothing written) · 3 finished, but some items have no output (unreadable, missing from the scan, or an existing output not overwritten); see manifest.jsonl.
+"""
+
+
+def mask_command(
+    inputs: List[str] = typer.Argument(..., help="Folders, image files, .parquet files, or '-' (paths on stdin)."),
+    out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder for purified copies and manifest.jsonl (never an input folder)."),
+    from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning; its model and anchors must match --clip-model/--pretrained/--anchors (the other detection flags do not apply)."),
+    fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur or pixelate."),
+    dilate: int = typer.Option(0, "--dilate", help="Grow every masked box by PX pixels on each side."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write a ≤512 px reviewer image (patch heatmap, labelled unsafe boxes) beside each flagged image."),
+    only_unsafe: bool = typer.Option(False, "--only-unsafe", help="Write only the purified unsafe images (Parquet: only their rows); skip safe ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs that differ (never the originals)."),
+    force: bool = typer.Option(False, "--force", help="Allow an --out-dir inside an input folder (its contents are then not read as inputs)."),
+    anchors: Optional[str] = typer.Option(None, "--anchors", help="Anchor YAML (default: the shipped anchors/default.yaml)."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none' (random: scores meaningless)."),
+    method: str = typer.Option("ot", "--method", help="ot (patch optimal transport) or global (ETA; masks the whole image)."),
+    patches: str = typer.Option("grid", "--patches", help="grid (crop r×c windows) or dense (one forward pass)."),
+    grid: int = typer.Option(3, "--grid", help="Grid mode: windows per side."),
+    stride: float = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window (<1 overlaps)."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (not with --from-scan)."),
+    theta: float = typer.Option(0.16, "--theta", help="Global method: unsafe when cos ≥ θ."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet image column (default: detected)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet column to use as item id (default: file#row)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    workers: int = typer.Option(4, "--workers", help="Image-decoding threads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+) -> None:
+    from guardalign.mask import mask
+
+    summary = call(
+        mask,
+        inputs=inputs, out_dir=out_dir, from_scan=from_scan, fill=fill, dilate=dilate, overlay=overlay,
+        only_unsafe=only_unsafe, overwrite=overwrite, force=force, anchors=anchors, clip_model=clip_model,
+        pretrained=pretrained, method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta,
+        image_column=image_column, id_column=id_column, batch_size=batch_size, device=device, workers=workers,
+        stdin=stdin_if_dash(inputs), progress=not quiet,
+    )
+    raise typer.Exit(summary.exit_code)
+
+
+mask_command.__doc__ = HELP
