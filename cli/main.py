@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from cli import answer as _answer
+from cli import mask as _mask
 from cli import report as _report
 from cli import scan as _scan
 
@@ -16,6 +18,9 @@ app = typer.Typer(
         "Keep unsafe images out of vision-language models and the datasets they train on.\n\n"
         "Stages compose in shell pipelines and CI:\n\n"
         "  guardalign scan data/ --out scan.jsonl --fail-on-unsafe\n\n"
+        "  guardalign mask data/ --from-scan scan.jsonl --out-dir purified/\n\n"
+        "  guardalign answer prompts.jsonl --model llava-hf/llava-1.5-7b-hf --out answers.jsonl\n\n"
+        "  guardalign report scan.jsonl answers.jsonl -o report.html\n\n"
         "Exit codes: 0 done (gates passed) · 1 a gate failed · 2 usage, config or model error "
         "(nothing written) · 3 finished, but some inputs could not be read."
     ),
@@ -43,6 +48,8 @@ def _root(
 
 
 app.command("scan", no_args_is_help=True)(_scan.scan_command)
+app.command("mask", no_args_is_help=True)(_mask.mask_command)
+app.command("answer", no_args_is_help=True)(_answer.answer_command)
 app.command("report", no_args_is_help=True)(_report.report_command)
 
 

@@ -9,13 +9,16 @@ __version__ = "0.1.0"
 
 from guardalign.errors import ConfigError, GuardalignError, InputError, ModelLoadError
 
-__all__ = ["__version__", "GuardalignError", "ConfigError", "InputError", "ModelLoadError", "scan"]
+__all__ = ["__version__", "GuardalignError", "ConfigError", "InputError", "ModelLoadError",
+           "scan", "mask", "answer", "report"]
+_ENTRY_POINTS = {"scan": "guardalign.scan", "mask": "guardalign.mask", "answer": "guardalign.answer",
+                 "report": "guardalign.report"}
 
 
 def __getattr__(name: str):
     # Lazy library entry points: ``guardalign.scan(...)`` mirrors ``guardalign scan``.
-    if name == "scan":
-        from guardalign.scan import scan
+    if name in _ENTRY_POINTS:
+        import importlib
 
-        return scan
+        return getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
     raise AttributeError(f"module 'guardalign' has no attribute {name!r}")
