@@ -107,7 +107,6 @@ def mask(
     """
     from guardalign.progress import progress_bar
     from guardalign.purify import FILLS
-    from guardalign.scan import _primed
     from guardalign.sources import count_items, iter_items
 
     if fill not in FILLS:
@@ -120,7 +119,7 @@ def mask(
     root = _check_out_dir(inputs, out_dir, force)
     cfg = DetectConfig(method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps,
                        batch_size=batch_size).validate()
-    items = _primed(iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin))
+    items = iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin)
     if detector is None:
         from dataclasses import asdict
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 from guardalign.config import DetectConfig, EncoderConfig
 from guardalign.errors import ConfigError
@@ -101,8 +101,8 @@ def scan(
     cfg = DetectConfig(
         method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps, batch_size=batch_size
     ).validate()
+    # iter_items validates every input and Parquet schema now, before anything is written.
     items = iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin)
-    items = _primed(items)  # validates inputs (missing paths, Parquet columns) before anything is written
     if detector is None:
         from guardalign.detect import Detector
 
@@ -152,20 +152,6 @@ def _config_kwargs(cfg: DetectConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
-def _primed(it: Iterator) -> Iterator:
-    """Pull the first element now so that input validation errors surface before any output exists."""
-    try:
-        first = next(it)
-    except StopIteration:
-        return iter(())
-
-    def chain():
-        yield first
-        yield from it
-
-    return chain()
-
-
 def _score_stream(items, detector, done: set[str], summary: ScanSummary, workers: int, batch_size: int):
     """Yield lists of records in input order, one list per detector batch."""
     from guardalign.sources import decode_stream
@@ -191,6 +177,7 @@ def _score_stream(items, detector, done: set[str], summary: ScanSummary, workers
 def _score_batch(batch: list, detector) -> list[dict[str, Any]]:
     """Detect the decodable images of a batch; keep input order, error records for the rest."""
     good = [d for d in batch if d.image is not None and d.error is None and d.item.error is None]
+    good_ids = {id(d) for d in good}  # identity: Decoded's dataclass __eq__ would compare pixels
     t0 = time.perf_counter()
     try:
         dets = iter(detector.detect([d.image for d in good]))
@@ -201,7 +188,7 @@ def _score_batch(batch: list, detector) -> list[dict[str, Any]]:
     records = []
     for d in batch:
         base = {"id": d.item.id, "source": d.item.source}
-        error = d.item.error or d.error or (failure if d in good else None)
+        error = d.item.error or d.error or (failure if id(d) in good_ids else None)
         if error:
             records.append({**base, "status": "error", "error": error, "verdict": None})
             continue
