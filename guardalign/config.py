@@ -4,6 +4,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("ot", "global")
+
+
+def resolve_device(device: str | None = "auto"):
+    """torch.device for "auto" (CUDA when available), "cpu", "cuda", "cuda:N"; ConfigError otherwise."""
+    import torch
+
+    from guardalign.errors import ConfigError
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"invalid --device {device!r}: expected auto, cpu, cuda or cuda:N ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
 PATCH_MODES = ("grid", "dense")
 WEIGHTINGS = ("entropy", "uniform", "entropy_positive")
 AGGREGATES = ("normalized", "paper")

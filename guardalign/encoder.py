@@ -67,16 +67,6 @@ def _quiet_logging():
         logging.disable(previous)
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"invalid device={device!r}: expected auto, cpu, cuda or cuda:N ({_short(exc)})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} requested but CUDA is not available; use --device cpu or auto")
-    return dev
 
 
 def _resolve_precision(precision: str, dev: torch.device) -> str:
@@ -158,7 +148,9 @@ def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", dev
     """
     import open_clip
 
-    dev = _resolve_device(device)
+    from guardalign.config import resolve_device
+
+    dev = resolve_device(device)
     prec = _resolve_precision(precision, dev)
     pretrained = "none" if pretrained is None or str(pretrained).strip() == "" else str(pretrained).strip()
     model = str(model)

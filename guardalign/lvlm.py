@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from guardalign.chat_templates import (  # noqa: F401 (names re-exported from here)
     DEFAULT_CHAT_TEMPLATES, FAMILIES, _check_local_family, chat_template_for, detect_family, supported_families,
 )
+from guardalign.config import resolve_device  # noqa: F401 (judge imports it from here)
 from guardalign.errors import InputError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,19 +112,6 @@ def _from_pretrained(loader, model: str, **kwargs):
 
 
 
-def resolve_device(device: str = "auto"):
-    """torch.device for "auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ModelLoadError(f"invalid --device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def resolve_dtype(dtype: str, device):
