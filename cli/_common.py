@@ -27,3 +27,21 @@ def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
 def stdin_if_dash(paths: list[str]):
     """The process stdin when '-' is among the inputs, else None."""
     return sys.stdin if "-" in paths else None
+
+
+# Options shared by the commands that read images and detect (scan, mask, calibrate). Typer only
+# reads these OptionInfo objects, so one instance can serve as the default in several commands.
+INPUTS = typer.Argument(..., help="Folders, image files, .parquet files, or '-' (paths on stdin).")
+ANCHORS = typer.Option(None, "--anchors", help="Anchor YAML (default: the shipped anchors/default.yaml).")
+CLIP_MODEL = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON.")
+PRETRAINED = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none' (random: scores meaningless).")
+PATCHES = typer.Option("grid", "--patches", help="grid (crop r×c windows) or dense (one forward pass).")
+GRID = typer.Option(3, "--grid", help="Grid mode: windows per side.")
+STRIDE = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window (<1 overlaps).")
+THETA = typer.Option(0.16, "--theta", help="Global method: unsafe when cos ≥ θ.")
+IMAGE_COLUMN = typer.Option(None, "--image-column", help="Parquet image column (default: detected).")
+ID_COLUMN = typer.Option(None, "--id-column", help="Parquet column to use as record id (default: file#row).")
+BATCH_SIZE = typer.Option(32, "--batch-size", help="Images per model batch.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …")
+WORKERS = typer.Option(4, "--workers", help="Image-decoding threads.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")

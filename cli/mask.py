@@ -5,7 +5,10 @@ from typing import List, Optional
 
 import typer
 
-from cli._common import call, stdin_if_dash
+from cli._common import (  # shared option declarations
+    ANCHORS, BATCH_SIZE, CLIP_MODEL, DEVICE, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, STRIDE, THETA, WORKERS,
+    call, stdin_if_dash,
+)
 
 HELP = """Write purified copies of images: unsafe patches masked, safe images copied byte-for-byte.
 
@@ -24,7 +27,7 @@ Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other
 
 
 def mask_command(
-    inputs: List[str] = typer.Argument(..., help="Folders, image files, .parquet files, or '-' (paths on stdin)."),
+    inputs: List[str] = INPUTS,
     out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder for purified copies and manifest.jsonl (never an input folder)."),
     from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning; its model and anchors must match --clip-model/--pretrained/--anchors (the other detection flags do not apply)."),
     fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur or pixelate."),
@@ -33,21 +36,21 @@ def mask_command(
     only_unsafe: bool = typer.Option(False, "--only-unsafe", help="Write only the purified unsafe images (Parquet: only their rows); skip safe ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs that differ (never the originals)."),
     force: bool = typer.Option(False, "--force", help="Allow an --out-dir inside an input folder (its contents are then not read as inputs)."),
-    anchors: Optional[str] = typer.Option(None, "--anchors", help="Anchor YAML (default: the shipped anchors/default.yaml)."),
-    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none' (random: scores meaningless)."),
+    anchors: Optional[str] = ANCHORS,
+    clip_model: str = CLIP_MODEL,
+    pretrained: str = PRETRAINED,
     method: str = typer.Option("ot", "--method", help="ot (patch optimal transport) or global (ETA; masks the whole image)."),
-    patches: str = typer.Option("grid", "--patches", help="grid (crop r×c windows) or dense (one forward pass)."),
-    grid: int = typer.Option(3, "--grid", help="Grid mode: windows per side."),
-    stride: float = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window (<1 overlaps)."),
+    patches: str = PATCHES,
+    grid: int = GRID,
+    stride: float = STRIDE,
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (not with --from-scan)."),
-    theta: float = typer.Option(0.16, "--theta", help="Global method: unsafe when cos ≥ θ."),
-    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet image column (default: detected)."),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet column to use as item id (default: file#row)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
-    workers: int = typer.Option(4, "--workers", help="Image-decoding threads."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+    theta: float = THETA,
+    image_column: Optional[str] = IMAGE_COLUMN,
+    id_column: Optional[str] = ID_COLUMN,
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
+    workers: int = WORKERS,
+    quiet: bool = QUIET,
 ) -> None:
     from guardalign.mask import mask
 

@@ -5,7 +5,10 @@ from typing import List, Optional
 
 import typer
 
-from cli._common import call, stdin_if_dash
+from cli._common import (  # shared option declarations
+    ANCHORS, BATCH_SIZE, CLIP_MODEL, DEVICE, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, STRIDE, THETA, WORKERS,
+    call, stdin_if_dash,
+)
 
 HELP = """Score images for unsafe content and write one record per image.
 
@@ -26,27 +29,27 @@ Exit codes: 0 done, gates passed · 1 a gate failed (--fail-on-unsafe, --max-uns
 
 
 def scan_command(
-    inputs: List[str] = typer.Argument(..., help="Folders, image files, .parquet files, or '-' (paths on stdin)."),
-    anchors: Optional[str] = typer.Option(None, "--anchors", help="Anchor YAML (default: the shipped anchors/default.yaml)."),
-    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none' (random: scores meaningless)."),
+    inputs: List[str] = INPUTS,
+    anchors: Optional[str] = ANCHORS,
+    clip_model: str = CLIP_MODEL,
+    pretrained: str = PRETRAINED,
     method: str = typer.Option("ot", "--method", help="ot (patch optimal transport) or global (ETA whole-image cosine)."),
-    patches: str = typer.Option("grid", "--patches", help="grid (crop r×c windows) or dense (one forward pass)."),
-    grid: int = typer.Option(3, "--grid", help="Grid mode: windows per side."),
-    stride: float = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window (<1 overlaps)."),
+    patches: str = PATCHES,
+    grid: int = GRID,
+    stride: float = STRIDE,
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (a cost 1−cos; unsafe when d ≤ τ)."),
-    theta: float = typer.Option(0.16, "--theta", help="Global method: unsafe when cos ≥ θ."),
+    theta: float = THETA,
     out: str = typer.Option("-", "--out", "-o", help="Output file, or '-' for stdout (JSONL)."),
     format: str = typer.Option("jsonl", "--format", help="jsonl or parquet."),
-    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet image column (default: detected)."),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet column to use as record id (default: file#row)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
-    workers: int = typer.Option(4, "--workers", help="Image-decoding threads."),
+    image_column: Optional[str] = IMAGE_COLUMN,
+    id_column: Optional[str] = ID_COLUMN,
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
+    workers: int = WORKERS,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip ids already in --out."),
     fail_on_unsafe: bool = typer.Option(False, "--fail-on-unsafe", help="Exit 1 if any image is unsafe."),
     max_unsafe_rate: Optional[float] = typer.Option(None, "--max-unsafe-rate", help="Exit 1 if the unsafe fraction exceeds R."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+    quiet: bool = QUIET,
 ) -> None:
     from guardalign.scan import scan
 

@@ -1,0 +1,61 @@
+"""`guardalign calibrate`: flag parsing only; the work is guardalign.calibrate.calibrate()."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from cli._common import call
+
+HELP = """Fit τ on labelled images: print a ROC table and write a tuned copy of the anchors YAML.
+
+LABELLED is a JSONL file with one line per image: {"image": "imgs/a.png", "label": "safe"|"unsafe", "category": "weapons"} (category optional; image paths relative to the file). A scan output with a "label" added to each line works too. τ is the threshold with the highest true-positive rate whose false-positive rate on the safe images is at most --target-fpr; --per-category also fits one τ per category from its own labelled positives, all at the one FPR level that keeps the combined FPR (an image is unsafe when any category flags it) within the target. The copy keeps comments, key order and quoting; only tau lines change. A JSON summary goes to stdout, the tables to stderr.
+
+Examples:
+
+  guardalign calibrate labelled.jsonl --anchors anchors.yaml --target-fpr 0.05 -o tuned.yaml
+
+  guardalign calibrate labelled.jsonl --anchors anchors.yaml --per-category --from-scan scan.jsonl -o tuned.yaml
+
+  guardalign calibrate labelled.jsonl --method global    # prints θ for `scan --method global --theta X`
+
+Exit codes: 0 done · 2 usage/config/model error, nothing written · 3 done, but some lines could not be used (listed on stderr).
+"""
+
+
+def calibrate_command(
+    labelled: str = typer.Argument(..., help="Labelled JSONL: {image, label: safe|unsafe, category?} per line."),
+    anchors: Optional[str] = typer.Option(None, "--anchors", help="Anchor YAML to tune (default: the shipped anchors/default.yaml)."),
+    target_fpr: float = typer.Option(0.05, "--target-fpr", help="Largest false-positive rate allowed on the safe images."),
+    per_category: bool = typer.Option(False, "--per-category", help="Also fit one τ per category from its labelled positives."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the tuned anchors YAML here (a copy; the input is never changed)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing -o file."),
+    from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse the scores of a scan output (JSONL/Parquet), joined by id or image path."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none'."),
+    method: str = typer.Option("ot", "--method", help="ot (fit τ, unsafe when cost ≤ τ) or global (fit θ, unsafe when cos ≥ θ)."),
+    patches: str = typer.Option("grid", "--patches", help="grid or dense (as for scan)."),
+    grid: int = typer.Option(3, "--grid", help="Grid mode: windows per side."),
+    stride: float = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the AUROC interval."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables on stderr."),
+) -> None:
+    import json
+
+    from guardalign.calibrate import calibrate
+
+    result = call(
+        calibrate,
+        labelled=labelled, anchors=anchors, target_fpr=target_fpr, per_category=per_category, out=out,
+        overwrite=overwrite, from_scan=from_scan, clip_model=clip_model, pretrained=pretrained, method=method,
+        patches=patches, grid=grid, stride=stride, batch_size=batch_size, device=device, bootstrap=bootstrap,
+        seed=seed, progress=not quiet,
+    )
+    typer.echo(json.dumps(result.to_dict()))
+    raise typer.Exit(result.exit_code)
+
+
+calibrate_command.__doc__ = HELP
