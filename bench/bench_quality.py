@@ -91,19 +91,31 @@ def _cosines(det, batch) -> tuple[Scores, Scores]:
     return Scores(glob.max(1), "higher", glob), Scores(patch.max(1), "higher", patch)
 
 
-def _auc_cells(split: Split, s: Scores, ci: bool = True) -> list[str]:
-    from guardalign.roc import auroc, bootstrap_auroc
+def _aucs(split: Split, s: Scores) -> list[float]:
+    from guardalign.roc import auroc
 
+    return [auroc(s.image[split.cond == k], split.labels[split.cond == k], s.direction) for k in range(len(CONDITIONS))]
+
+
+def _auc_cells(split: Split, s: Scores, ci: bool = True, into: list | None = None) -> list[str]:
+    """AUROC per column (with bootstrap intervals when ``ci``); the raw values are appended to ``into``."""
+    from guardalign.roc import bootstrap_auroc
+
+    values = _aucs(split, s)
+    if into is not None:
+        into.append(values)
+    if not ci:
+        return [f"{a:.3f}" for a in values]
     cells = []
-    for k in range(len(CONDITIONS)):
+    for k, a in enumerate(values):
         m = split.cond == k
-        a = auroc(s.image[m], split.labels[m], s.direction)
-        if ci:
-            lo, hi = bootstrap_auroc(s.image[m], split.labels[m], s.direction, N_BOOT, seed=k)
-            cells.append(f"{a:.3f} ({lo:.2f}–{hi:.2f})")
-        else:
-            cells.append(f"{a:.3f}")
+        lo, hi = bootstrap_auroc(s.image[m], split.labels[m], s.direction, N_BOOT, seed=k)
+        cells.append(f"{a:.3f} ({lo:.2f}–{hi:.2f})")
     return cells
+
+
+def _diffs(values: list[float], ref: list[float]) -> str:
+    return ", ".join(f"{v - r:+.3f} ({c})" for v, r, c in zip(values, ref, COLUMNS))
 
 
 def _iou_cells(split: Split, s: Scores, tau: float) -> tuple[list[str], list[str]]:
@@ -133,11 +145,12 @@ def _calibrated(split: Split, s: Scores, anchors_path: Path, work: Path, name: s
     from guardalign.calibrate import calibrate
 
     lab = work / f"calib-{name}.jsonl"
+    names = _names(anchors_path)
     with lab.open("w") as f:
         for i, item in enumerate(split.items):
             rec = ({"status": "ok", **s.dets[i].to_record()} if s.dets is not None else
                    {"status": "ok", "method": "global", "score": float(s.image[i]),
-                    "categories": dict(zip(_names(anchors_path), map(float, s.cats[i])))})
+                    "categories": dict(zip(names, map(float, s.cats[i])))})
             rec.update(id=f"{name}-{i}", label=item.label, category=item.concept if item.label == "unsafe" else None)
             f.write(json.dumps(rec) + "\n")
     out = work / f"tuned-{name}.yaml" if s.direction == "lower" else None
@@ -159,17 +172,19 @@ def _rates(split: Split, flagged: np.ndarray) -> list[str]:
     return cells
 
 
-def _zero_shot(encoder, anchors) -> float:
-    """Accuracy of the trained model on fresh single-concept tiles, all 17 concepts (sanity check)."""
+def _zero_shot(encoder) -> tuple[float, float]:
+    """17-way accuracy on fresh single-concept tiles: of the image embedding, and of each dense token."""
     import torch
     from PIL import Image
 
     from bench.toyworld.world import NAMES, captions, single_concept_set
 
     ims, labs = single_concept_set(seed=12345, per_concept=20, size=64, zoom=0.0)
-    emb = encoder.encode_images(encoder.preprocess([Image.fromarray(a) for a in ims]))
+    batch = encoder.dense_patches([Image.fromarray(a) for a in ims])
     z = torch.nn.functional.normalize(torch.stack([encoder.encode_text(captions(n)).mean(0) for n in NAMES]), dim=-1)
-    return float(((emb @ z.T).argmax(1).cpu().numpy() == labs).mean())
+    image_acc = float(((batch.global_emb @ z.T).argmax(1).cpu().numpy() == labs).mean())
+    token_acc = float(((batch.patch_emb @ z.T).argmax(-1).cpu().numpy() == labs[:, None]).mean())
+    return image_acc, token_acc
 
 
 def run(quick: bool = False) -> dict:
@@ -185,33 +200,34 @@ def run(quick: bool = False) -> dict:
     _log(f"tiny CLIP {settings.key()} ({'quick' if quick else 'full'} settings)")
     trained = cached_model(settings, log=_log)
     encoder = load_trained(trained)
-    work = Path(tempfile.mkdtemp(prefix="guardalign-quality-"))
-    anchors_path = write_anchors(work / "toy-anchors.yaml")
-    det = Detector(encoder, load_anchors(anchors_path), DetectConfig(batch_size=64))
-    n = 24 if quick else 100
-    test, calib = _split(1, n), _split(2, n)
-    _log(f"eval set: {len(test.items)} test + {len(calib.items)} calibration composites; encoding")
-    t1 = time.perf_counter()
-    enc = {}
-    for split_name, split in (("test", test), ("calib", calib)):
-        enc[split_name, "grid"] = _encode(encoder, split, "grid")
-        enc[split_name, "dense"] = _encode(encoder, split, "dense")
-        enc[split_name, "overlap"] = _encode(encoder, split, "grid", stride=0.5)
-    for name, kw in (("multi 3+2", dict(scales=(2,))), ("multi 3+2+1", dict(scales=(2, 1)))):
-        enc["test", name] = _encode(encoder, test, "grid", **kw)
-    t_enc = time.perf_counter() - t1
-    _log(f"encoded in {t_enc:.0f} s; scoring")
-    sections = [_setup(settings, trained, encoder, det, n, quick),
-                _methods(det, enc, test),
-                _rulings(det, enc, test),
-                _layouts(det, enc, test),
-                _calibration(det, enc, test, calib, anchors_path, work)]
+    with tempfile.TemporaryDirectory(prefix="guardalign-quality-") as tmp:
+        work = Path(tmp)
+        anchors_path = write_anchors(work / "toy-anchors.yaml")
+        det = Detector(encoder, load_anchors(anchors_path), DetectConfig(batch_size=64))
+        n = 24 if quick else 100
+        test, calib = _split(1, n), _split(2, n)
+        _log(f"eval set: {len(test.items)} test + {len(calib.items)} calibration composites; encoding")
+        t1 = time.perf_counter()
+        enc = {}
+        for split_name, split in (("test", test), ("calib", calib)):
+            enc[split_name, "grid"] = _encode(encoder, split, "grid")
+            enc[split_name, "dense"] = _encode(encoder, split, "dense")
+            enc[split_name, "overlap"] = _encode(encoder, split, "grid", stride=0.5)
+        for name, kw in (("multi 3+2", dict(scales=(2,))), ("multi 3+2+1", dict(scales=(2, 1)))):
+            enc["test", name] = _encode(encoder, test, "grid", **kw)
+        t_enc = time.perf_counter() - t1
+        _log(f"encoded in {t_enc:.0f} s; scoring")
+        sections = [_setup(settings, trained, encoder, det, n, quick),
+                    _methods(det, enc, test),
+                    _rulings(det, enc, test),
+                    _layouts(det, enc, test),
+                    _calibration(det, enc, test, calib, anchors_path, work)]
     total = time.perf_counter() - t0
     sections.append(f"Encoding {t_enc:.0f} s; whole bench {total:.0f} s on {machine()}.")
     markdown = "\n\n".join(sections)
     print(markdown)
     write_section("quality", "## Detection quality on the toy world (issue 7)\n\n" + markdown)
-    return {"seconds": total}
+    return {"seconds": total, "markdown": markdown}
 
 
 def _setup(settings, trained, encoder, det, n, quick) -> str:
@@ -220,7 +236,7 @@ def _setup(settings, trained, encoder, det, n, quick) -> str:
     losses = trained.losses
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     how = "loaded from the cache (bench/out/toyworld)" if trained.cached else "trained in this run"
-    acc = _zero_shot(encoder, det.anchors)
+    acc, token_acc = _zero_shot(encoder)
     return (
         f"Toy world: {len(CONCEPTS)} procedurally drawn concepts (shapes, glyphs, textures, colours), unsafe: "
         f"{', '.join(UNSAFE)}. Tiny CLIP (open_clip config: ViT {settings.image_size}px, patch {settings.patch_size}, "
@@ -228,7 +244,10 @@ def _setup(settings, trained, encoder, det, n, quick) -> str:
         f"{settings.text_layers} layers), {settings.steps} steps of batch {settings.batch_size}, seed {settings.seed}, "
         f"{how}: training took {trained.seconds:.0f} s, loss {first:.2f} → {last:.2f} (mean of first/last 10 steps). "
         f"Loaded back with `load_encoder(model.json, model.safetensors)` (the `--clip-model/--pretrained` path). "
-        f"Zero-shot accuracy on fresh single-concept tiles (17-way): {acc:.2f}.\n\n"
+        f"Zero-shot accuracy on fresh single-concept tiles (17-way, chance {1 / 17:.2f}): {acc:.2f} for the image "
+        f"embedding, {token_acc:.2f} for each dense value-path token of the same tiles: the tiny model's patch tokens "
+        f"are {'barely ' if token_acc < 0.5 else ''}aligned with its text, so its dense numbers below say "
+        f"{'little' if token_acc < 0.5 else 'something'} about dense mode on a real CLIP.\n\n"
         f"Eval: 192×192 mosaics of 3×3 safe tiles with one planted tile (unsafe, or a safe distractor of the same "
         f"size for the safe class), {n} unsafe + {n} safe per column{' (quick run: small n, wide intervals)' if quick else ''}. "
         f"Columns: planted tile = one mosaic cell on the 3×3 grid, one cell offset by half a cell (every grid crop "
@@ -240,15 +259,22 @@ def _setup(settings, trained, encoder, det, n, quick) -> str:
 def _methods(det, enc, test) -> str:
     g = enc["test", "grid"]
     glob, maxcos = _cosines(det, g)
-    dense_glob, dense_max = _cosines(det, enc["test", "dense"])
+    dense_max = _cosines(det, enc["test", "dense"])[1]
+    vals: list = []
     rows = [
-        ["global cosine (ETA baseline)"] + _auc_cells(test, glob),
-        ["max patch cosine, grid 3×3"] + _auc_cells(test, maxcos),
-        ["max token cosine, dense"] + _auc_cells(test, dense_max),
-        ["OT grid 3×3"] + _auc_cells(test, _ot(det, g, test.sizes)),
-        ["OT dense (value-path tokens)"] + _auc_cells(test, _ot(det, enc["test", "dense"], test.sizes)),
+        ["global cosine (ETA baseline)"] + _auc_cells(test, glob, into=vals),
+        ["max patch cosine, grid 3×3"] + _auc_cells(test, maxcos, into=vals),
+        ["max token cosine, dense"] + _auc_cells(test, dense_max, into=vals),
+        ["OT grid 3×3"] + _auc_cells(test, _ot(det, g, test.sizes), into=vals),
+        ["OT dense (value-path tokens)"] + _auc_cells(test, _ot(det, enc["test", "dense"], test.sizes), into=vals),
     ]
-    return "### Image-level AUROC by coverage of the unsafe tile\n\n" + table(["method"] + COLUMNS, rows)
+    best = [" = ".join(r[0] for r, v in zip(rows, vals) if round(v[k], 3) == round(max(w[k] for w in vals), 3))
+            for k in range(len(COLUMNS))]
+    notes = (f"\n\nAUROC difference to the global baseline: OT grid {_diffs(vals[3], vals[0])}; "
+             f"OT dense {_diffs(vals[4], vals[0])}. OT grid minus max patch cosine on the same crops: "
+             f"{_diffs(vals[3], vals[1])}. Best per column: "
+             + "; ".join(f"{c}: {b}" for c, b in zip(COLUMNS, best)) + ".")
+    return "### Image-level AUROC by coverage of the unsafe tile\n\n" + table(["method"] + COLUMNS, rows) + notes
 
 
 def _rulings(det, enc, test) -> str:
@@ -264,8 +290,15 @@ def _rulings(det, enc, test) -> str:
         ("ε = 0.5", dict(eps=0.5)),
         ("paper aggregate d_paper(m) = Σ_i Σ_n T C", dict(aggregate="paper")),
     ]
-    rows = [[label] + _auc_cells(test, _ot(det.with_config(**kw), g, test.sizes), ci=False) for label, kw in variants]
-    return ("### Effect of each DESIGN ruling (OT grid 3×3, AUROC)\n\n" + table(["setting"] + COLUMNS, rows)
+    vals: list = []
+    rows = [[label] + _auc_cells(test, _ot(det.with_config(**kw), g, test.sizes), ci=False, into=vals)
+            for label, kw in variants]
+    shift = [float(np.mean(v) - np.mean(vals[0])) for v in vals]
+    k = int(np.argmax(np.abs(shift[1:]))) + 1
+    note = (f"\n\nLargest change of the mean AUROC against the ruling row: {variants[k][0]} ({shift[k]:+.3f}); "
+            "every other setting moves it by at most "
+            f"{max(abs(x) for i, x in enumerate(shift) if i not in (0, k)):.3f}.")
+    return ("### Effect of each DESIGN ruling (OT grid 3×3, AUROC)\n\n" + table(["setting"] + COLUMNS, rows) + note
             + "\n\n" + _portability(det, enc, test))
 
 
@@ -287,14 +320,19 @@ def _portability(det, enc, test) -> str:
 
 
 def _layouts(det, enc, test) -> str:
-    rows = []
+    rows, vals = [], []
     for label, key in (("3×3, stride 1 (default)", "grid"), ("3×3 windows, stride 0.5 (5×5 = 25 windows)", "overlap"),
                        ("3×3 + 2×2 (multi-scale, 13 windows)", "multi 3+2"),
                        ("3×3 + 2×2 + whole image (14 windows)", "multi 3+2+1"), ("dense tokens", "dense")):
         b = enc["test", key]
-        rows.append([label, str(b.patch_emb.shape[1])] + _auc_cells(test, _ot(det, b, test.sizes), ci=False))
+        rows.append([label, str(b.patch_emb.shape[1])] + _auc_cells(test, _ot(det, b, test.sizes), ci=False, into=vals))
+    means = [float(np.mean(v)) for v in vals]
+    k = int(np.argmax(means))
+    note = (f"\n\nMean AUROC over the four columns: default {means[0]:.3f}; best {rows[k][0]} {means[k]:.3f} "
+            f"with {rows[k][1]} windows per image (encoder cost ≈ M + 1 forwards). Off the grid (1/9 off-grid): "
+            + ", ".join(f"{r[0]} {v[1]:.3f}" for r, v in zip(rows, vals)) + ".")
     return ("### Patch layouts (OT, AUROC): does overlap or multi-scale help off the grid?\n\n"
-            + table(["patches", "M"] + COLUMNS, rows))
+            + table(["patches", "M"] + COLUMNS, rows) + note)
 
 
 def _calibration(det, enc, test, calib, anchors_path, work) -> str:
@@ -305,7 +343,7 @@ def _calibration(det, enc, test, calib, anchors_path, work) -> str:
 
     rows, loc_rows = [], []
     for name, key in (("global cosine (θ)", None), ("OT grid 3×3", "grid"), ("OT dense", "dense"),
-                      ("OT grid 3×3, per-category τ", "grid-pc")):
+                      ("OT grid 3×3, per-category τ (`--per-category`)", "grid-pc")):
         if key is None:
             c_s, t_s = _cosines(det, enc["calib", "grid"])[0], _cosines(det, enc["test", "grid"])[0]
             res = _calibrated(calib, c_s, anchors_path, work, "global")
@@ -313,20 +351,24 @@ def _calibration(det, enc, test, calib, anchors_path, work) -> str:
         else:
             mode = key.split("-")[0]
             c_s = _ot(det, enc["calib", mode], calib.sizes)
-            res = _calibrated(calib, c_s, anchors_path, work, key, per_category=key.endswith("pc"))
+            per_cat = key.endswith("-pc")
+            res = _calibrated(calib, c_s, anchors_path, work, key, per_category=per_cat)
             tuned = Detector(det.encoder, load_anchors(res.out), det.config)  # the written YAML, as scan uses it
             t_s = _ot(tuned, enc["test", mode], test.sizes)
             flagged = np.array([d.verdict == "unsafe" for d in t_s.dets])
-            if not key.endswith("pc"):
+            if not per_cat:
                 ious, hits = _iou_cells(test, t_s, res.chosen.threshold)
                 loc_rows.append([name] + [f"{i} / {h}" for i, h in zip(ious, hits)])
         sym = "θ" if key is None else "τ"
-        thr = (f"{sym} {res.chosen.threshold:.4g}" if not key or not key.endswith("pc") else
-               "τ " + ", ".join(f"{c.name} {c.tau:.3g}" for c in res.per_category))
+        thr = (f"{sym} {res.chosen.threshold:.4g}" if not key or not key.endswith("-pc") else
+               "τ " + ", ".join(f"{c.name} {c.tau:.3g}" for c in res.per_category)
+               + f" (each at FPR ≤ α = {res.category_fpr:.3f})")
         rows.append([name, thr, f"{res.achieved[1]:.3f}"] + _rates(test, flagged))
     out = ("### Calibration on a held-out split (`guardalign calibrate`, target FPR ≤ 0.05)\n\n"
            f"Fitted on the calibration split ({len(calib.items)} images), applied to the test split "
-           f"({len(test.items)} images, {int((~test.labels).sum())} safe). TPR per column.\n\n"
+           f"({len(test.items)} images, {int((~test.labels).sum())} safe). TPR per column. An image is unsafe when "
+           "any category flags it, so `--per-category` fits every category at one FPR level α, the largest that "
+           "keeps the combined FPR on the calibration split within the target.\n\n"
            + table(["method", "fitted", "FPR (calib)", "FPR (test)"] + [f"TPR {c}" for c in COLUMNS], rows))
     out += ("\n\n### Localisation (OT, calibrated τ): IoU of flagged patches with the planted tile / pointing hit "
             "rate (lowest-cost patch centred in the tile), unsafe test images\n\n" + table(["method"] + COLUMNS, loc_rows))

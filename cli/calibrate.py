@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from cli._common import call
+from cli._common import BATCH_SIZE, CLIP_MODEL, DEVICE, GRID, PATCHES, PRETRAINED, STRIDE, call
 
 HELP = """Fit τ on labelled images: print a ROC table and write a tuned copy of the anchors YAML.
 
@@ -31,14 +31,14 @@ def calibrate_command(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the tuned anchors YAML here (a copy; the input is never changed)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing -o file."),
     from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse the scores of a scan output (JSONL/Parquet), joined by id or image path."),
-    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none'."),
-    method: str = typer.Option("ot", "--method", help="ot (fit τ, unsafe when cost ≤ τ) or global (fit θ, unsafe when cos ≥ θ)."),
-    patches: str = typer.Option("grid", "--patches", help="grid or dense (as for scan)."),
-    grid: int = typer.Option(3, "--grid", help="Grid mode: windows per side."),
-    stride: float = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
+    clip_model: str = CLIP_MODEL,
+    pretrained: str = PRETRAINED,
+    method: str = typer.Option("ot", "--method", help="ot (fit τ, unsafe when cost ≤ τ) or global (fit θ, unsafe when cos ≥ θ); with --from-scan the records decide."),
+    patches: str = PATCHES,
+    grid: int = GRID,
+    stride: float = STRIDE,
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the AUROC interval."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables on stderr."),

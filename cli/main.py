@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from cli import answer as _answer
+from cli import calibrate as _calibrate
 from cli import mask as _mask
 from cli import report as _report
 from cli import scan as _scan
@@ -51,6 +52,7 @@ app.command("scan", no_args_is_help=True)(_scan.scan_command)
 app.command("mask", no_args_is_help=True)(_mask.mask_command)
 app.command("answer", no_args_is_help=True)(_answer.answer_command)
 app.command("report", no_args_is_help=True)(_report.report_command)
+app.command("calibrate", no_args_is_help=True)(_calibrate.calibrate_command)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper for ``python -m cli.main``

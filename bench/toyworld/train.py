@@ -33,7 +33,7 @@ CACHE_ROOT = Path(__file__).resolve().parents[1] / "out" / "toyworld"  # bench/o
 class TrainSettings:
     seed: int = 0  # seeds the world's training images, the initial weights and the batch order
     per_concept: int = 160  # training tiles per concept
-    steps: int = 700  # optimiser steps
+    steps: int = 1000  # optimiser steps
     batch_size: int = 64  # images per step
     captions_per_concept: int = 4  # captions of every concept drawn for each step's text batch
     lr: float = 2e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
@@ -213,7 +213,7 @@ def load_trained(model: TrainedModel, device: str = "cpu"):
 
 
 def settings_for(quick: bool) -> TrainSettings:
-    """The bench's settings: full (≈ a few minutes on 2 CPU cores) or quick (≈ 30 s)."""
+    """The bench's settings: full (about 80 s of training on 2 CPU cores) or quick (about 20 s)."""
     if quick:
         return TrainSettings(per_concept=48, steps=150, batch_size=96)
     return TrainSettings()
