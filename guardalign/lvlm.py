@@ -164,6 +164,9 @@ def load_lvlm(model: str, *, device: str = "auto", dtype: str = "auto", revision
     attn = attn_implementation or register()
     impl = {"": "sdpa", "vision_config": "sdpa", "text_config": attn}
     cls = getattr(transformers, FAMILIES[family][0])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr belongs to guardalign's own progress bar and summary
     net = _from_pretrained(cls.from_pretrained, model, revision=revision, dtype=torch_dtype, attn_implementation=impl)
     processor = _from_pretrained(AutoProcessor.from_pretrained, model, revision=revision)
     tok = processor.tokenizer
@@ -334,9 +337,9 @@ def generate(lvlm: LVLM, prepared: Prepared, spec: "CalibrationSpec", *, max_new
 
     tok = lvlm.tokenizer
     config = greedy_config(lvlm, max_new_tokens)
+    config.return_dict_in_generate, config.output_logits = True, output_logits  # all settings in one config
     with torch.inference_mode(), calibrating(spec, prepared.positions, lvlm.n_layers, audit=False):
-        out = lvlm.model.generate(**prepared.inputs, generation_config=config, return_dict_in_generate=True,
-                                  output_logits=output_logits)
+        out = lvlm.model.generate(**prepared.inputs, generation_config=config)
     new = out.sequences[:, prepared.inputs["input_ids"].shape[1]:].tolist()
     eos = _eos_ids(lvlm)
     tokens = []
