@@ -1,6 +1,8 @@
 """Issue 2 bench: dense-mode detector throughput ÷ bare encode_image, and the share of time in transport.
 
-Random-weight ViT-B-32 on whatever device is there (CPU here); same model, same batch, one run.
+Random-weight ViT-B-32 on whatever device is there (CPU here); same model, same batch, one run. The
+variants run interleaved (order rotated each round) and each keeps its best time, so a noisy
+neighbour on the shared cores hurts all of them alike.
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 
 import numpy as np
 
-from bench.common import best_of, machine, patched_timer, table, write_section
+from bench.common import interleaved, machine, patched_timer, table, write_section
 
 
 def _images(n: int, size: int, seed: int = 0):
@@ -30,7 +32,7 @@ def run(quick: bool = False) -> dict:
     from guardalign.encoder import load_encoder
 
     batch = 8 if quick else 32
-    repeats = 1 if quick else 3
+    rounds = 1 if quick else 4
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = load_encoder("ViT-B-32", "none", device="auto")
@@ -42,42 +44,42 @@ def run(quick: bool = False) -> dict:
         if encoder.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def bare():
-        encoder.encode_images(pixels)
-        sync()
+    detectors = {
+        "dense": Detector(encoder, anchors, DetectConfig(patches="dense", batch_size=batch)),
+        "grid 3x3": Detector(encoder, anchors, DetectConfig(patches="grid", grid=3, batch_size=batch)),
+    }
+    fns = {"bare": lambda: (encoder.encode_images(pixels), sync())}
+    fns.update({mode: (lambda d=d: (d.detect(images), sync())) for mode, d in detectors.items()})
+    best = interleaved(fns, rounds)
 
     rows, results = [], {}
-    t_bare = best_of(bare, repeats)
-    for mode, cfg in {
-        "dense": DetectConfig(patches="dense", batch_size=batch),
-        "grid 3x3": DetectConfig(patches="grid", grid=3, batch_size=batch),
-    }.items():
-        det = Detector(encoder, anchors, cfg)
+    for mode, det in detectors.items():
         spent: list[float] = []
-
-        def full():
-            det.detect(images)
-            sync()
-
-        t_full = best_of(full, repeats)
         with patched_timer(transport, "ot_patch_scores", spent):
             t0 = time.perf_counter()
-            full()
+            det.detect(images)
+            sync()
             t_timed = time.perf_counter() - t0
         share = sum(spent) / t_timed
-        ratio = t_bare / t_full  # throughput ratio = (B/t_full) / (B/t_bare)
-        results[mode] = {"ratio": ratio, "transport_share": share, "img_s": batch / t_full}
-        rows.append([mode, f"{batch / t_bare:.1f}", f"{batch / t_full:.1f}", f"{ratio:.3f}", f"{share:.2%}"])
+        ratio = best["bare"] / best[mode]  # throughput ratio = (B / t_mode) / (B / t_bare)
+        results[mode] = {"ratio": ratio, "transport_share": share, "img_s": batch / best[mode]}
+        rows.append([mode, f"{batch / best['bare']:.1f}", f"{batch / best[mode]:.1f}", f"{ratio:.3f}",
+                     f"{share:.2%}", f"{sum(spent) * 1000:.1f}"])
 
     md = "\n".join(
         [
             "## Detector (issue 2)",
             "",
-            f"Random-init ViT-B-32 (`--pretrained none`), batch {batch} of 224×224 images, best of {repeats}; {machine()}.",
-            "Throughput ratio = detector images/s (PIL in, records out) ÷ bare `encode_image` images/s on the same "
-            "pre-processed batch. Targets: dense ratio ≥ 0.90; transport share ≤ 3%.",
+            f"Random-init ViT-B-32 (`--pretrained none`), batch {batch} of 224×224 images, best of {rounds} "
+            f"interleaved rounds; {machine()}.",
+            "Throughput ratio = detector images/s (PIL images in, Detection records out: preprocessing, "
+            "encoder, transport, decisions) ÷ bare `encode_image` images/s on the same batch already "
+            "pre-processed into a tensor. Targets: dense ratio ≥ 0.90; transport share ≤ 3%.",
             "",
-            table(["mode", "bare encode img/s", "detector img/s", "ratio", "transport share"], rows),
+            table(["mode", "bare encode img/s", "detector img/s", "ratio", "transport share", "transport ms/batch"],
+                  rows),
+            "",
+            "Grid mode encodes 9 crops plus the whole image per image, so its ratio is about 1/10 by design.",
         ]
     )
     write_section("detector", md)

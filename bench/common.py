@@ -32,6 +32,20 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
+def interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Best wall time of each callable over ``rounds`` rounds, after one warm-up; order rotates per round."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    best = {name: float("inf") for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 @contextmanager
 def patched_timer(module, name: str, bucket: list):
     """Time every call of ``module.name`` into ``bucket`` (seconds), restoring it afterwards."""
