@@ -328,7 +328,7 @@ def print_summary(summary: AnswerSummary, *, judged: bool = False) -> None:
     """A rich table on stderr: refusal and judge-unsafe rates by category, purified images, errors."""
     from rich.table import Table
 
-    from guardalign.progress import stderr_console
+    from guardalign.progress import print_errors, stderr_console
 
     console = stderr_console()
     table = Table(title="guardalign answer", show_header=True, header_style="bold")
@@ -345,10 +345,7 @@ def print_summary(summary: AnswerSummary, *, judged: bool = False) -> None:
     extra = f" · skipped (resume): {summary.skipped}" if summary.skipped else ""
     console.print(f"records {summary.total} · ok {summary.ok} · errors {summary.errors}{extra} · "
                   f"{summary.processed} answered in {summary.seconds:.1f} s", markup=False, highlight=False)
-    for rid, err in summary.error_list[:20]:
-        console.print(f"error {rid}: {err}", style="red", markup=False, highlight=False)
-    if len(summary.error_list) > 20:
-        console.print(f"… and {len(summary.error_list) - 20} more errors (see the records)", style="red")
+    print_errors(console, summary.error_list, see="the records")
 
 
 def _cells(s: CategoryStats, judged: bool) -> list[str]:

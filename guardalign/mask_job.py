@@ -379,7 +379,7 @@ def print_summary(summary: MaskSummary, root: Path) -> None:
     """A rich table on stderr: what was purified, copied, skipped, resumed, and what failed."""
     from rich.table import Table
 
-    from guardalign.progress import stderr_console
+    from guardalign.progress import print_errors, stderr_console
 
     console = stderr_console()
     table = Table(title=f"guardalign mask → {root}", show_header=True, header_style="bold")
@@ -398,7 +398,4 @@ def print_summary(summary: MaskSummary, root: Path) -> None:
                 table.add_row(f"  purified · {cat}", str(k))
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
-    for rid, err in summary.error_list[:20]:
-        console.print(f"{rid}: {err}", style="red", markup=False, highlight=False)
-    if len(summary.error_list) > 20:
-        console.print(f"… and {len(summary.error_list) - 20} more (see {root / MANIFEST})", style="red")
+    print_errors(console, summary.error_list, see=root / MANIFEST)

@@ -55,3 +55,11 @@ def progress_bar(description: str, total: int | None, *, enabled: bool = True, u
                 progress.update(task, rate=f"{speed:.1f} {unit}/s")
 
         yield advance
+
+
+def print_errors(console, errors: list[tuple[str, str]], see: str, limit: int = 20) -> None:
+    """Print the first ``limit`` (id, error) pairs in red on ``console``, then how many more and where."""
+    for rid, err in errors[:limit]:
+        console.print(f"error {rid}: {err}", style="red", markup=False, highlight=False)
+    if len(errors) > limit:
+        console.print(f"… and {len(errors) - limit} more errors (see {see})", style="red", markup=False)

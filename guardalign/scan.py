@@ -220,7 +220,7 @@ def print_summary(summary: ScanSummary) -> None:
     """A rich table on stderr: counts by verdict and category, errors, throughput, gate."""
     from rich.table import Table
 
-    from guardalign.progress import stderr_console
+    from guardalign.progress import print_errors, stderr_console
 
     console = stderr_console()
     table = Table(title="guardalign scan", show_header=True, header_style="bold")
@@ -236,9 +236,6 @@ def print_summary(summary: ScanSummary) -> None:
         table.add_row("skipped (resume)", str(summary.skipped))
     table.add_row("throughput", f"{summary.throughput:.1f} img/s over {summary.seconds:.1f} s")
     console.print(table)
-    for rid, err in summary.error_list[:20]:
-        console.print(f"error {rid}: {err}", style="red", markup=False, highlight=False)
-    if len(summary.error_list) > 20:
-        console.print(f"… and {len(summary.error_list) - 20} more errors (see the records)", style="red")
+    print_errors(console, summary.error_list, see="the records")
     if summary.gate_failed:
         console.print(f"GATE FAILED: {summary.gate_reason}", style="bold red", markup=False)
