@@ -125,7 +125,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     spans = REF["positions"].prefix
     mass = torch.stack([probs[b, :, :, r0:r1].sum(-1) for b, (r0, r1) in enumerate(spans)])  # (B, H, q)
     total, count = REF["mass"].get(layer, (0.0, 0.0))
-    REF["mass"][layer] = (total + float((mass.mean(1) * rows).sum()), count + float(rows.sum()))
+    REF["mass"][layer] = (total + float((mass.mean(1) * rows).detach().sum()), count + float(rows.sum()))
     return (probs @ v).transpose(1, 2).contiguous(), None
 
 
@@ -354,3 +354,99 @@ def test_mllama_cross_attention_and_vision_tower_stay_sdpa(tmp_path):
     v, c = vanilla.mass(), audit.mass()
     assert v[1] is None and c[1] is None  # layer 1 is cross-attention: never measured nor calibrated
     assert all(c[i] > v[i] for i in (0, 2, 3))
+
+
+# ---------------------------------------------------------------- decode-step caches and autograd
+
+
+def _prefix_columns(positions, batch, kv_len, value, dtype):
+    """(batch, kv_len): ``value`` on each row's prefix columns R, 0 elsewhere (rows repeated as generate() does)."""
+    rep = batch // len(positions.prefix)
+    want = torch.zeros(batch, kv_len, dtype=dtype)
+    for b in range(batch):
+        r0, r1 = positions.prefix[b // rep]
+        want[b, r0:r1] = value
+    return want
+
+
+def test_decode_column_cache_is_exact_every_step_and_never_shared():
+    from guardalign.calibration import _REQUEST
+
+    cpu = torch.device("cpu")
+    first = Positions(prefix=((3, 8),), instr_start=(8,))
+    with calibrating(CalibrationSpec(gamma=0.5), first, N_LAYERS):
+        req = _REQUEST.get()
+        for kv in range(9, 300):  # one decode step per key length; the cache outgrows its spare length twice
+            for batch, dtype in ((1, torch.float32), (2, torch.float32), (2, torch.bfloat16)):  # interleaved
+                geo = req.geometry(batch, 1, kv, False, dtype, cpu)
+                assert geo.single and geo.first == 0 and geo.count == batch
+                assert geo.gpair.shape == (batch, 1, 1, kv) and geo.gpair.dtype == dtype
+                assert torch.equal(geo.gpair[:, 0, 0], _prefix_columns(first, batch, kv, 0.5, dtype))
+                assert torch.equal(geo.col_f[..., 0], _prefix_columns(first, batch, kv, 1.0, torch.float32))
+    # A later request with the same (batch, dtype) but other positions and γ starts from its own, fresh cache.
+    for positions, gamma in ((Positions(prefix=((0, 2),), instr_start=(2,)), 2.0), (POS1, 0.25)):
+        with calibrating(CalibrationSpec(gamma=gamma), positions, N_LAYERS):
+            req = _REQUEST.get()
+            for kv in (300, 12, 13):
+                geo = req.geometry(1, 1, kv, True, torch.float32, cpu)
+                assert torch.equal(geo.gpair[:, 0, 0], _prefix_columns(positions, 1, kv, gamma, torch.float32))
+    # One query row that is in T for batch row 0 only: the general path, with a row select.
+    two = Positions(prefix=((1, 4), (6, 12)), instr_start=(5, 12))
+    with calibrating(CalibrationSpec(gamma=1.0), two, N_LAYERS):
+        geo = _REQUEST.get().geometry(2, 1, 10, True, torch.float32, cpu)  # query position 9: 9 ≥ 5, 9 < 12
+    assert not geo.single and not geo.all_rows and geo.count == 1
+    assert geo.row_sel.flatten().tolist() == [True, False]
+    want = _prefix_columns(two, 2, 10, 1.0, torch.float32) * torch.tensor([[1.0], [0.0]])
+    assert torch.equal(geo.gpair[:, 0, 0, 0], want)
+
+
+def test_long_decode_then_other_requests_match_reference(models):
+    ids = _prompt()
+    pids, pmask, ppos = _padded()
+    spec = CalibrationSpec(mode="scale", gamma=1.0)
+    other = Positions(prefix=((1, 5),), instr_start=(6,))  # same batch size and dtype as POS1, other prefix
+
+    def run(model, inputs, mask, n):
+        out = model.generate(inputs, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        return out.sequences, torch.stack(out.logits)
+
+    # 14 + 60 keys: past the column cache's first spare length (64); then two more requests, one of the same
+    # batch size and dtype (a stale cache would hand it POS1's columns) and one left-padded batch of 2.
+    cases = [(POS1, ids, None, 60), (other, ids, None, 8), (ppos, pids, pmask, 8)]
+    with torch.no_grad():
+        got = []
+        for positions, inputs, mask, n in cases:
+            with calibrating(spec, positions, N_LAYERS):
+                got.append(run(models["calibrated"], inputs, mask, n))
+        want = [_run_ref(models, spec, positions, lambda m: run(m, inputs, mask, n))
+                for positions, inputs, mask, n in cases]
+    for (seq, steps), (ref_seq, ref_steps) in zip(got, want):
+        assert torch.equal(seq, ref_seq)
+        torch.testing.assert_close(steps, ref_steps, atol=1e-5, rtol=0)
+
+
+def test_gradients_through_prefill_and_decode_match_reference(models):
+    ids, mask, pos = _padded()
+    spec = CalibrationSpec(mode="paper", gamma=1.0, layers=(1, 4))
+
+    def params(model):
+        return [layer.self_attn.q_proj.weight for layer in model.model.layers]
+
+    def loss(model):
+        out = model(ids, attention_mask=mask, use_cache=True)
+        step = model(out.logits[:, -1:].argmax(-1), attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                     past_key_values=out.past_key_values)  # one decode row, in T on both batch rows
+        return out.logits[mask.bool()].square().mean() + step.logits.square().mean()
+
+    with calibrating(spec, pos, N_LAYERS):
+        with torch.inference_mode():  # same shapes first, in inference mode: its cached tensors must not be reused
+            loss(models["calibrated"])
+        got_loss = loss(models["calibrated"])
+        got = torch.autograd.grad(got_loss, params(models["calibrated"]))
+    want_loss = _run_ref(models, spec, pos, loss)
+    want = torch.autograd.grad(want_loss, params(models["ref"]))
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=0)
+    for g, w in zip(got, want):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
