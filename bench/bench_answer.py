@@ -300,8 +300,8 @@ def tiny(rounds: int) -> tuple[str, dict]:
         mtable,
         "",
         f"Predicted from these: {predicted * 1e3:.2f} ms per generate ({NEW_TOKENS - 1} decode steps, audit off). "
-        f"The step geometry (`_Request.geometry`, cached per (batch, q_len, kv_len, …)) is rebuilt once per decode "
-        f"step because kv_len grows: {micro['calibrated layer, new step'] - micro['calibrated layer, same step']:.1f} "
+        f"The step geometry is rebuilt once per decode step because kv_len grows (it slices a cached prefix-column "
+        f"mask): {micro['calibrated layer, new step'] - micro['calibrated layer, same step']:.1f} "
         f"µs per step; the eager T-row recompute adds "
         f"{micro['calibrated layer, same step'] - micro['SDPA (transformers)']:.1f} µs per calibrated layer over one "
         "SDPA call; the wrapper on uncalibrated layers "
