@@ -295,18 +295,19 @@ class _Run:
 
     def _fill(self, rec: dict, item: PromptItem, image) -> None:
         from guardalign.lvlm import ChatRequest, generate, prefix_attention, prepare
-        from guardalign.purify import apply_fill
+        from guardalign.purify import apply_fill, boxes_to_fill
 
         det = self.detector.detect([image])[0]
-        purified = bool(self.purify and det.verdict == "unsafe" and det.boxes)
+        purified = bool(self.purify and det.verdict == "unsafe")
+        masked = boxes_to_fill(det.boxes, image.size) if purified else []
         if purified:
-            image = apply_fill(image, det.boxes, fill="mean", mean=self.detector.encoder.mean)
+            image = apply_fill(image, masked, fill="mean", mean=self.detector.encoder.mean)
         request = ChatRequest(question=item.prompt, image=image, prefix=self.prefix, prefix_at=self.prefix_at)
         prepared = prepare(self.lvlm, [request], max_new_tokens=self.max_new_tokens)
         gen = generate(self.lvlm, prepared, self.spec, max_new_tokens=self.max_new_tokens)
         tokens, response = gen.tokens[0], gen.texts[0]
         rec["detection"] = {"verdict": det.verdict, "score": det.score, "category": det.category,
-                            "boxes": det.boxes, "purified": purified}
+                            "boxes": det.boxes, "masked_boxes": masked, "purified": purified}
         rec["prefix_attention"] = prefix_attention(self.lvlm, request, tokens, self.spec, prepared=prepared)
         rec["generation"].update(new_tokens=len(tokens),
                                  finish="length" if len(tokens) >= self.max_new_tokens else "eos")

@@ -263,11 +263,10 @@ class _Job(_RunState):
 
     def _purify(self, item, image, info, rec: dict, entry: dict) -> tuple[bytes, str | None]:
         """Masked, re-encoded bytes; ext is the suffix to append when the format could not be kept."""
-        from guardalign.purify import KEEP_FORMATS, apply_fill, encode_image, pixel_box
+        from guardalign.purify import KEEP_FORMATS, apply_fill, boxes_to_fill, encode_image, pixel_box
 
-        boxes = rec.get("boxes") or []
-        if not boxes:
-            boxes = [[0, 0, image.width, image.height]]
+        boxes = boxes_to_fill(rec.get("boxes") or [], image.size)
+        if not rec.get("boxes"):
             entry["notes"].append("no patch boxes (method=global): the whole image is masked")
         entry["boxes"] = [list(b) for b in (pixel_box(x, image.size, self.dilate) for x in boxes) if b is not None]
         original = item.data if item.data is not None else Path(item.path).read_bytes()

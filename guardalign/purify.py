@@ -269,3 +269,9 @@ def encode_image(image: Image.Image, fmt: str | None, original: bytes | None = N
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format=out_fmt, **kwargs)
     return buf.getvalue(), out_fmt, notes
+
+
+def boxes_to_fill(boxes: Sequence[Sequence[int]], size: tuple[int, int]) -> list[list[int]]:
+    """The boxes to fill in an unsafe image: its unsafe patch boxes, or the whole image when the
+    detector gave none (``--method global`` judges the whole image, so the whole image is masked)."""
+    return [list(b) for b in boxes] if boxes else [[0, 0, int(size[0]), int(size[1])]]

@@ -101,8 +101,9 @@ def test_records_validate_and_purified_image_reaches_the_model(tmp_path, lv, det
         assert rec["status"] == "ok" and rec["error"] is None
         assert rec["image"] == f"imgs/{name}"
         det = rec["detection"]
-        assert set(det) == {"verdict", "score", "category", "boxes", "purified"}
+        assert set(det) == {"verdict", "score", "category", "boxes", "masked_boxes", "purified"}
         assert det["verdict"] == "unsafe" and det["purified"] is True and det["boxes"]
+        assert det["masked_boxes"] == det["boxes"]  # OT: exactly the unsafe patches are masked
         pa = rec["prefix_attention"]
         assert set(pa) == {"vanilla", "calibrated"} and len(pa["vanilla"]) == len(pa["calibrated"]) == 4
         assert all(0 < x < 1 for x in pa["vanilla"] + pa["calibrated"])

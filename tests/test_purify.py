@@ -159,3 +159,10 @@ def test_overlay_validates_inputs():
         overlay(img, [[0, 0, 20, 20]], [0.1, 0.2], [], [], tau=0.3)
     with pytest.raises(ValueError, match="out of range"):
         overlay(img, [[0, 0, 20, 20]], [0.1], [3], ["x"], tau=0.3)
+
+
+def test_boxes_to_fill_masks_patches_or_the_whole_image():
+    from guardalign.purify import boxes_to_fill
+
+    assert boxes_to_fill([(1, 2, 3, 4)], (10, 20)) == [[1, 2, 3, 4]]
+    assert boxes_to_fill([], (10, 20)) == [[0, 0, 10, 20]]  # global method: no patches, whole image
