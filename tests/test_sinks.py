@@ -287,7 +287,7 @@ def test_kill_9_then_resume_gives_every_id_exactly_once(tmp_path, fmt):
     out = tmp_path / f"scan.{fmt}"
     live = out if fmt == "jsonl" else tmp_path / f"scan.{fmt}.partial.jsonl"
     n = 400
-    proc = subprocess.Popen([sys.executable, str(script), str(out), fmt, str(n), "0.01"])
+    proc = subprocess.Popen([sys.executable, str(script), str(out), fmt, str(n), "0.05"])  # ~3 s run: the kill lands mid-run
     deadline = time.monotonic() + 30
     while count_lines(live) < 50 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
