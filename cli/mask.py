@@ -12,7 +12,7 @@ from cli._common import (  # shared option declarations
 
 HELP = """Write purified copies of images: unsafe patches masked, safe images copied byte-for-byte.
 
-INPUTS are what `scan` takes: folders (mirrored by relative path under --out-dir), image files, .parquet files (written back as Parquet with the same schema, rows and order, the image column replaced) or '-' for paths on stdin. Purified images keep their format where possible, are stored upright and lose EXIF/GPS metadata. --out-dir/manifest.jsonl has one line per item: id, source, status, output, verdict, masked boxes, fill. Rerun the same command to finish an interrupted run.
+INPUTS are what `scan` takes: folders (mirrored by relative path under --out-dir), image files, .parquet files (written back as Parquet with the same schema, rows and order, the image column replaced) or '-' for paths on stdin. Purified images keep their format where possible, are stored upright and lose EXIF/GPS metadata. --out-dir/manifest.jsonl has one line per item: id, source, status, output, verdict, masked boxes, fill, the source's sha256. Rerun the same command to finish an interrupted run.
 
 Examples:
 
@@ -22,14 +22,14 @@ Examples:
 
   guardalign mask train.parquet --out-dir clean/ --fill blur --dilate 8 --only-unsafe
 
-Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other anchors or model (nothing written) · 3 finished, but some items have no output (unreadable, missing from the scan, or an existing output not overwritten); see manifest.jsonl.
+Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other anchors or model (nothing written) · 3 finished, but some items have no output (unreadable, missing from the scan, changed since the scan, or an existing output not overwritten); see manifest.jsonl.
 """
 
 
 def mask_command(
     inputs: List[str] = INPUTS,
     out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder for purified copies and manifest.jsonl (never an input folder)."),
-    from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning; its model and anchors must match --clip-model/--pretrained/--anchors (the other detection flags do not apply)."),
+    from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning; its model and anchors must match --clip-model/--pretrained/--anchors (the other detection flags do not apply). An image whose bytes differ from the scanned sha256 is an error, not copied."),
     fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur or pixelate."),
     dilate: int = typer.Option(0, "--dilate", help="Grow every masked box by PX pixels on each side."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write a ≤512 px reviewer image (patch heatmap, labelled unsafe boxes) beside each flagged image."),

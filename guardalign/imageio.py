@@ -12,6 +12,7 @@ is scanned too. 16-bit greyscale is scaled to 8 bits (Pillow's own conversion cl
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -19,7 +20,7 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -37,6 +38,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 
 _ORIENTATION_TAG = 0x0112
+# An image file above this size is refused before it is read: uncompressed 16-bit RGBA at Pillow's pixel
+# limit is about 0.7 GiB, and reading is whole-file (so the bytes scanned are exactly the bytes hashed).
+MAX_FILE_BYTES = 1 << 30
 # Serialises the (header-only) Image.open calls of the decode threads while the bomb warning is
 # turned into an exception: warnings.catch_warnings is process-global state in Python < 3.14.
 _OPEN_LOCK = threading.Lock()
@@ -54,6 +58,7 @@ class DecodeInfo:
     format: str | None  # Pillow format name ("JPEG", "PNG", "GIF", ...), None if Pillow gives none
     frames: int  # frames in the file; > 1 means animated (the first frame is returned)
     exif_rotated: bool  # True when an EXIF orientation other than "normal" was applied
+    sha256: str = ""  # hex SHA-256 of the encoded bytes as stored (file contents or Parquet cell)
 
 
 def decode_image(
@@ -91,15 +96,29 @@ def decode_image(
     if limit is None:  # someone disabled Pillow's guard globally; keep ours
         limit = 89_478_485
     if path is not None:
-        fp = _open_file(Path(path))
-    else:
-        if len(data) == 0:
-            raise ImageDecodeError("zero-byte image data")
-        fp = io.BytesIO(data)
-    with fp:
+        data = read_image_bytes(path)
+    elif len(data) == 0:
+        raise ImageDecodeError("zero-byte image data")
+    with io.BytesIO(data) as fp:
         im = _open_image(fp, limit)
         with im:
-            return _decode_opened(im)
+            rgb, info = _decode_opened(im)
+    return rgb, replace(info, sha256=hashlib.sha256(data).hexdigest())
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The whole contents of an image file, or ImageDecodeError naming why it cannot be read."""
+    path = Path(path)
+    with _open_file(path) as fp:
+        try:
+            data = fp.read(MAX_FILE_BYTES + 1)
+        except OSError as e:
+            raise ImageDecodeError(f"cannot read file ({e.strerror or e})") from None
+    if not data:
+        raise ImageDecodeError("zero-byte file")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageDecodeError(f"file too large for an image (over {MAX_FILE_BYTES >> 20} MiB)")
+    return data
 
 
 def _open_file(path: Path):
@@ -120,6 +139,8 @@ def _open_file(path: Path):
         raise ImageDecodeError("not a regular file")
     if st.st_size == 0:
         raise ImageDecodeError("zero-byte file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageDecodeError(f"file too large for an image ({st.st_size} bytes > {MAX_FILE_BYTES >> 20} MiB)")
     try:
         return _read_open(path)
     except PermissionError:
@@ -248,11 +269,14 @@ class Decoded:
 
 
 def _decode_item(item: Item, max_pixels: int | None) -> Decoded:
+    """Decode one item; a file's bytes are read once and kept on the returned item (``item.data``), so
+    whatever a consumer later copies or purifies is exactly what was scanned and hashed."""
     if item.data is None and item.path is None:
         return Decoded(item, None, None, "no image data")
     try:
-        path = None if item.data is not None else item.path
-        image, info = decode_image(data=item.data, path=path, max_pixels=max_pixels)
+        if item.data is None:
+            item = replace(item, data=read_image_bytes(item.path))
+        image, info = decode_image(data=item.data, max_pixels=max_pixels)
     except ImageDecodeError as e:
         return Decoded(item, None, None, str(e))
     except Exception as e:  # a decoder plugin bug must cost one item, not the run

@@ -38,7 +38,7 @@ from guardalign.mask_job import (  # noqa: F401 (names re-exported from here)
 )
 
 _SCAN_KEEP = ("status", "error", "verdict", "category", "boxes", "box_categories", "unsafe_patches",
-              "patch_boxes", "patch_scores", "threshold", "width", "height", "method")
+              "patch_boxes", "patch_scores", "threshold", "width", "height", "method", "sha256")
 
 
 def mask(
@@ -191,13 +191,13 @@ def _detect_batch(batch: list, detector) -> Iterator[tuple]:
         dets, failure = iter(()), f"detector failed on this batch: {type(exc).__name__}: {exc}"
     for d in batch:
         error = d.item.error or d.error or (failure if id(d) in good_ids else None)
-        rec = {"status": "error", "error": error} if error else {"status": "ok", **next(dets).to_record()}
+        rec = {"status": "error", "error": error} if error else \
+            {"status": "ok", **next(dets).to_record(), "sha256": d.info.sha256}
         yield d.item, d.image, d.info, rec
 
 
 def _reused(items: Iterator, index: dict) -> Iterator[tuple]:
-    from guardalign.imageio import ImageDecodeError, decode_image
-
+    """Pair items with their scan records; an image whose bytes differ from the scanned ones is an error."""
     for item in items:
         rec = index.get(item.id)
         if item.error:
@@ -205,16 +205,35 @@ def _reused(items: Iterator, index: dict) -> Iterator[tuple]:
         elif rec is None:
             rec = {"status": "error", "error": "id not found in the --from-scan records"}
         image = info = None
-        if rec.get("status") == "ok" and rec.get("verdict") == "unsafe":
-            try:
-                image, info = decode_image(data=item.data) if item.data is not None else decode_image(path=item.path)
-            except ImageDecodeError as exc:
-                rec = {"status": "error", "error": str(exc)}
-            else:
-                if [image.width, image.height] != [rec.get("width"), rec.get("height")]:
-                    rec = {"status": "error", "error": f"image is {image.width}×{image.height} but was scanned as "
-                           f"{rec.get('width')}×{rec.get('height')}: it changed since the scan; rescan it"}
+        if rec.get("status") == "ok":
+            item, image, info, error = _check_unchanged(item, rec)
+            if error:
+                rec = {"status": "error", "error": f"{error}: it changed since the scan; rescan it"}
         yield item, image, info, rec
+
+
+def _check_unchanged(item, rec: dict) -> tuple:
+    """(item with its bytes, image | None, info | None, error | None): the bytes are read once, compared with
+    the record's ``sha256`` (and size), and decoded when the verdict is unsafe."""
+    import hashlib
+    from dataclasses import replace
+
+    from guardalign.imageio import ImageDecodeError, decode_image, read_image_bytes
+
+    try:
+        item = item if item.data is not None else replace(item, data=read_image_bytes(item.path))
+        digest = hashlib.sha256(item.data).hexdigest()
+        if rec.get("sha256") and digest != rec["sha256"]:
+            return item, None, None, f"content sha256 {digest[:12]}… differs from the scanned {rec['sha256'][:12]}…"
+        if rec.get("verdict") != "unsafe":
+            return item, None, None, None
+        image, info = decode_image(data=item.data)
+    except ImageDecodeError as exc:
+        return item, None, None, str(exc)
+    if [image.width, image.height] != [rec.get("width"), rec.get("height")]:
+        return item, None, None, (f"image is {image.width}×{image.height} but was scanned as "
+                                  f"{rec.get('width')}×{rec.get('height')}")
+    return item, image, info, None
 
 
 # ----------------------------------------------------------------------------- the job
@@ -253,8 +272,7 @@ class _Job(_RunState):
             if self.only_unsafe:
                 entry["status"] = "skipped"
                 return
-            data = item.data if item.data is not None else Path(item.path).read_bytes()
-            self._put(rel, data, item, entry, "copied")
+            self._put(rel, item.data, item, entry, "copied")
             return
         data, ext = self._purify(item, image, info, rec, entry)
         rel = rel if ext is None else rel + ext
@@ -269,7 +287,7 @@ class _Job(_RunState):
         if not rec.get("boxes"):
             entry["notes"].append("no patch boxes (method=global): the whole image is masked")
         entry["boxes"] = [list(b) for b in (pixel_box(x, image.size, self.dilate) for x in boxes) if b is not None]
-        original = item.data if item.data is not None else Path(item.path).read_bytes()
+        original = item.data
         masked = apply_fill(image, boxes, self.fill, self.mean, self.dilate)
         data, fmt, notes = encode_image(masked, info.format, original)
         entry["notes"].extend(notes)
@@ -321,7 +339,7 @@ class _Job(_RunState):
             return
         safe = rec["verdict"] == "safe"
         entry["status"] = "copied" if safe else "purified"
-        data, ext = (item.path.read_bytes() if kind == "path" else None, None) if safe else \
+        data, ext = (item.data if kind == "path" else None, None) if safe else \
             self._purify(item, image, info, rec, entry)
         if kind == "path":
             ok, cell = self._path_cell(item, pq_out, entry, data, ext, entry["status"])

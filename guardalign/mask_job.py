@@ -287,7 +287,7 @@ def _entry(item, status: str, *, rec: dict | None = None, error: str | None = No
             "error": error if error is not None else rec.get("error"), "verdict": rec.get("verdict"),
             "category": rec.get("category") if rec.get("verdict") == "unsafe" else None,
             "output": None, "overlay": None, "boxes": [], "box_categories": list(rec.get("box_categories") or []),
-            "fill": fill, "dilate": dilate, "sanitized": False, "notes": []}
+            "sha256": rec.get("sha256"), "fill": fill, "dilate": dilate, "sanitized": False, "notes": []}
 
 
 def _compact_manifest(path: Path) -> None:

@@ -193,6 +193,7 @@ def _score_batch(batch: list, detector) -> list[dict[str, Any]]:
             records.append({**base, "status": "error", "error": error, "verdict": None})
             continue
         rec = {**base, "status": "ok", "error": None, **next(dets).to_record()}
+        rec["sha256"] = d.info.sha256  # of the stored bytes: mask --from-scan refuses an image that changed
         rec["notes"] = _notes(d.info)
         rec["elapsed_s"] = round(per_image, 6)
         records.append(rec)

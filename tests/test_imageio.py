@@ -167,3 +167,30 @@ def test_rgb_passthrough_is_a_copy_with_identical_pixels():
 def test_extensions_cover_common_formats():
     assert {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
     assert all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS)
+
+
+def test_sha256_is_of_the_stored_bytes_from_path_and_from_data(bad):
+    import hashlib
+
+    path = bad["exif_rotated"]
+    raw = path.read_bytes()
+    want = hashlib.sha256(raw).hexdigest()
+    assert decode_image(path=path)[1].sha256 == want == decode_image(data=raw)[1].sha256
+
+
+def test_decode_stream_keeps_the_decoded_bytes_on_the_item(tmp_path):
+    from guardalign.imageio import decode_stream
+    from guardalign.sources import Item
+
+    (path,) = make_good_images(tmp_path, 1)
+    (d,) = decode_stream([Item(id="x", source=str(path), path=path)], workers=1)
+    assert d.error is None and d.item.path == path and d.item.data == path.read_bytes()
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(imageio, "MAX_FILE_BYTES", 1000)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1000
+    with pytest.raises(ImageDecodeError, match="file too large"):
+        decode_image(path=big)

@@ -6,6 +6,7 @@ go through the real flags and model loading.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -423,6 +424,57 @@ def test_from_scan_missing_id_is_an_item_error(tmp_path, scanned, detector):
     s = mask([str(src)], out_dir=str(out), from_scan=str(records), detector=detector, progress=False)
     assert s.exit_code == 3
     assert "not found in the --from-scan" in manifest(out)["new.png"]["error"]
+
+
+def _mark(records: Path, verdicts: dict[str, str], drop: tuple[str, ...] = ()) -> None:
+    """Rewrite scan records: set verdicts by id (unsafe gets the first patch as its box), drop fields."""
+    recs = [json.loads(x) for x in records.read_text().splitlines()]
+    for r in recs:
+        unsafe = verdicts[r["id"]] == "unsafe"
+        r.update(verdict=verdicts[r["id"]], unsafe_patches=[0] if unsafe else [],
+                 boxes=[r["patch_boxes"][0]] if unsafe else [], box_categories=["weapons"] if unsafe else [])
+        for k in drop:
+            r.pop(k, None)
+    records.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_from_scan_refuses_an_image_whose_bytes_changed(tmp_path, scanned, detector):
+    src, records = scanned
+    _mark(records, {"a.png": "unsafe", "b.png": "safe"})
+    noise(src / "b.png", seed=7)  # same size, other pixels: the scan's "safe" no longer holds
+    noise(src / "a.png", seed=8)  # same size: the size check alone would let this through
+    out = tmp_path / "out"
+    s = mask([str(src)], out_dir=str(out), from_scan=str(records), detector=detector, progress=False)
+    assert s.exit_code == 3
+    m = manifest(out)
+    for name in ("a.png", "b.png"):
+        assert m[name]["status"] == "error" and m[name]["output"] is None
+        assert "differs from the scanned" in m[name]["error"] and "rescan" in m[name]["error"]
+        assert not (out / name).exists()
+
+
+def test_from_scan_unchanged_images_pass_and_the_manifest_names_their_hash(tmp_path, scanned, detector):
+    src, records = scanned
+    _mark(records, {"a.png": "unsafe", "b.png": "safe"})
+    out = tmp_path / "out"
+    s = mask([str(src)], out_dir=str(out), from_scan=str(records), detector=detector, progress=False)
+    assert s.exit_code == 0 and s.purified == 1 and s.copied == 1
+    m = manifest(out)
+    for name in ("a.png", "b.png"):
+        assert m[name]["sha256"] == hashlib.sha256((src / name).read_bytes()).hexdigest()
+    assert (out / "b.png").read_bytes() == (src / "b.png").read_bytes()
+
+
+def test_from_scan_records_without_a_hash_fall_back_to_the_size_check(tmp_path, scanned, detector):
+    src, records = scanned
+    _mark(records, {"a.png": "unsafe", "b.png": "unsafe"}, drop=("sha256",))
+    noise(src / "b.png", size=(60, 90), seed=7)  # rotated size: caught without a hash
+    out = tmp_path / "out"
+    s = mask([str(src)], out_dir=str(out), from_scan=str(records), detector=detector, progress=False)
+    m = manifest(out)
+    assert m["a.png"]["status"] == "purified"
+    assert m["b.png"]["status"] == "error" and "60×90 but was scanned as 90×60" in m["b.png"]["error"]
+    assert s.exit_code == 3
 
 
 # ----------------------------------------------------------------------------- overlays

@@ -1,6 +1,7 @@
 """`guardalign scan` end to end through the CLI, on a tiny random CLIP loaded from config + checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from cli.main import app
 RECORD_FIELDS = {
     "id", "source", "status", "error", "verdict", "score", "threshold", "category", "categories",
     "unsafe_patches", "boxes", "box_categories", "grid", "patch_scores", "patch_boxes", "width", "height",
-    "method", "patches", "model", "anchors_sha256", "notes", "elapsed_s",
+    "method", "patches", "model", "anchors_sha256", "sha256", "notes", "elapsed_s",
 }
 
 
@@ -49,6 +50,7 @@ def test_folder_to_jsonl_records(tmp_path, model_args):
     for r in recs:
         assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
         assert r["status"] == "ok" and r["verdict"] in ("safe", "unsafe") and r["method"] == "ot"
+        assert r["sha256"] == hashlib.sha256((imgs / r["id"]).read_bytes()).hexdigest()
     assert res.stdout == ""  # data went to the file; stdout stays empty
 
 
