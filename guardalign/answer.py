@@ -266,8 +266,8 @@ class _Run:
         from guardalign.lvlm import GREEDY
 
         return {
-            "id": item.id, "prompt": item.prompt, "image": item.image, "category": item.category,
-            "status": "error", "error": None, "response": None, "refused": None, "judge": None,
+            "id": item.id, "prompt": item.prompt, "image": item.image, "image_sha256": None,
+            "category": item.category, "status": "error", "error": None, "response": None, "refused": None, "judge": None,
             "detection": None, "prefix_attention": None, **self.fixed,
             "generation": {"max_new_tokens": self.max_new_tokens, **GREEDY},
         }
@@ -281,10 +281,11 @@ class _Run:
             rec["error"] = item.error
             return rec
         try:
-            image, _ = decode_image(path=item.path)
+            image, info = decode_image(path=item.path)
         except ImageDecodeError as e:
             rec["error"] = f"line {item.line}: image {item.image!r} ({item.path}): {e}"
             return rec
+        rec["image_sha256"] = info.sha256  # the audited bytes, whatever the path points at later
         try:
             self._fill(rec, item, image)
         except (InputError, ConfigError) as e:

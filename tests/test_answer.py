@@ -1,6 +1,7 @@
 """`guardalign answer` end to end on a tiny random LLaVA and a tiny random CLIP, both loaded from disk."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from guardalign.judge import Judgement, RefusalMatcher
 from lvlm_fixtures import make_image, make_tiny_lvlm, make_unknown_family
 
 RECORD_FIELDS = {
-    "id", "prompt", "image", "category", "status", "error", "response", "refused", "judge", "detection",
+    "id", "prompt", "image", "image_sha256", "category", "status", "error", "response", "refused", "judge", "detection",
     "prefix_attention", "model", "generation", "calibration", "anchors_sha256",
 }
 NEW = 4  # max_new_tokens in these tests
@@ -100,6 +101,7 @@ def test_records_validate_and_purified_image_reaches_the_model(tmp_path, lv, det
         assert set(rec) == RECORD_FIELDS
         assert rec["status"] == "ok" and rec["error"] is None
         assert rec["image"] == f"imgs/{name}"
+        assert rec["image_sha256"] == hashlib.sha256((tmp_path / "imgs" / name).read_bytes()).hexdigest()
         det = rec["detection"]
         assert set(det) == {"verdict", "score", "category", "boxes", "masked_boxes", "purified"}
         assert det["verdict"] == "unsafe" and det["purified"] is True and det["boxes"]
