@@ -131,10 +131,11 @@ class _RunState:
         self.summary = MaskSummary()
         self.advance = lambda n=1: None
         manifest = root / MANIFEST
-        self.previous = {str(e.get("id")): e for e in read_records(manifest)} if manifest.is_file() else {}
-        self.manifest = open_sink(str(manifest), "jsonl", resume=True)  # locked: one run per out_dir at a time
         root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(root)
+        self.manifest = open_sink(str(manifest), "jsonl", resume=True)
+        self.manifest.claim()  # one run per out_dir: locked before anything is read, written or cleaned up
+        self.previous = {str(e.get("id")): e for e in read_records(manifest)}
+        _remove_stale_tmp(root)  # safe now: no other run can own a temp file here
         self.claims: dict[str, tuple[str, str]] = {MANIFEST: ("", "manifest")}  # rel output → (source key, id)
         self.originals = {os.path.realpath(g) for g in self.inputs if g != "-" and Path(g).is_file()}
         # With --force, out_dir may lie inside an input folder: files there are outputs, not inputs.

@@ -167,6 +167,11 @@ class JsonlSink(_Closing):
                 _fsync_dir(self.path.parent)
         return self._fd
 
+    def claim(self) -> None:
+        """Open and lock the file now (creating it if needed), before the first write: ConfigError when another
+        running guardalign holds it."""
+        self._open()
+
     def write(self, records: list[dict]) -> None:
         """Append ``records`` as complete lines, durable on return."""
         if self._closed:

@@ -22,6 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.mask import mask_command
+from guardalign.errors import ConfigError
 from guardalign.mask import MANIFEST, TMP_SUFFIX, mask, safe_relpath
 from guardalign.purify import FILLS, mean_fill_value, thumbnail_size
 
@@ -366,6 +367,27 @@ def test_rerun_after_crash_completes_the_job(tmp_path, detector):
     assert {rel: (out / rel).read_bytes() for rel in reference} == reference
     assert files_under(out) == {"0.png", "1.png", "2.png", MANIFEST}  # temp file cleaned up
     assert len(manifest(out)) == 3
+
+
+def test_a_second_run_into_a_busy_out_dir_stops_before_touching_it(tmp_path, detector):
+    import fcntl
+
+    src = tmp_path / "in"
+    noise(src / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = out / f".a.png.999{TMP_SUFFIX}"  # the running job's half-written output
+    theirs.write_bytes(b"in progress")
+    fd = os.open(out / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the running job holds
+        with pytest.raises(ConfigError, match="being written by another running guardalign"):
+            mask([str(src)], out_dir=str(out), detector=detector, progress=False)
+    finally:
+        os.close(fd)
+    assert theirs.read_bytes() == b"in progress" and not (out / "a.png").exists()
+    s = mask([str(src)], out_dir=str(out), detector=detector, progress=False)  # once free, it runs
+    assert s.exit_code == 0 and (out / "a.png").is_file() and not theirs.exists()
 
 
 # ----------------------------------------------------------------------------- --from-scan
