@@ -214,23 +214,23 @@ def _reused(items: Iterator, index: dict) -> Iterator[tuple]:
 
 def _check_unchanged(item, rec: dict) -> tuple:
     """(item with its bytes, image | None, info | None, error | None): the bytes are read once, compared with
-    the record's ``sha256`` (and size), and decoded when the verdict is unsafe."""
+    the record's ``sha256`` (and size), and decoded when the verdict is unsafe (decoding hashes them too)."""
     import hashlib
     from dataclasses import replace
 
     from guardalign.imageio import ImageDecodeError, decode_image, read_image_bytes
 
+    image = info = None
     try:
         item = item if item.data is not None else replace(item, data=read_image_bytes(item.path))
-        digest = hashlib.sha256(item.data).hexdigest()
-        if rec.get("sha256") and digest != rec["sha256"]:
-            return item, None, None, f"content sha256 {digest[:12]}… differs from the scanned {rec['sha256'][:12]}…"
-        if rec.get("verdict") != "unsafe":
-            return item, None, None, None
-        image, info = decode_image(data=item.data)
+        if rec.get("verdict") == "unsafe":
+            image, info = decode_image(data=item.data)
+        digest = info.sha256 if info is not None else hashlib.sha256(item.data).hexdigest()
     except ImageDecodeError as exc:
         return item, None, None, str(exc)
-    if [image.width, image.height] != [rec.get("width"), rec.get("height")]:
+    if rec.get("sha256") and digest != rec["sha256"]:
+        return item, None, None, f"content sha256 {digest[:12]}… differs from the scanned {rec['sha256'][:12]}…"
+    if image is not None and [image.width, image.height] != [rec.get("width"), rec.get("height")]:
         return item, None, None, (f"image is {image.width}×{image.height} but was scanned as "
                                   f"{rec.get('width')}×{rec.get('height')}")
     return item, image, info, None
