@@ -12,7 +12,7 @@ from cli._common import (  # shared option declarations
 
 HELP = """Write purified copies of images: unsafe patches masked, safe images copied byte-for-byte.
 
-INPUTS are what `scan` takes: folders (mirrored by relative path under --out-dir), image files, .parquet files (written back as Parquet with the same schema, rows and order, the image column replaced) or '-' for paths on stdin. Purified images keep their format where possible, are stored upright and lose EXIF/GPS metadata. --out-dir/manifest.jsonl has one line per item: id, source, status, output, verdict, masked boxes, fill, the source's sha256. Rerun the same command to finish an interrupted run.
+INPUTS are what `scan` takes: folders (mirrored by relative path under --out-dir), image files, .parquet files (written back as Parquet with the same schema, rows and order, the image column replaced; a row that cannot be verified keeps its place with a null image) or '-' for paths on stdin. Purified images keep their format where possible, are stored upright and lose EXIF/GPS metadata. --out-dir/manifest.jsonl has one line per item: id, source, status, output, verdict, masked boxes, fill, the source's sha256. Rerun the same command to finish an interrupted run.
 
 Examples:
 

@@ -14,7 +14,8 @@ root and drive letters dropped; recorded in the manifest). A Parquet input gives
 with the same schema, rows and row order (``only_unsafe``: just the unsafe rows), written row group by row
 group. Its image column is replaced: ``struct``/``binary`` cells get the purified bytes; ``path`` cells keep
 their relative path and the images are written beside the output Parquet at that path (a path that had to
-be sanitised is rewritten in the cell). Unreadable rows are kept unchanged and reported. A Parquet output is
+be sanitised is rewritten in the cell). A row that could not be verified (unreadable, changed since the scan,
+missing from it) stays in place with its image cell null, and is reported. A Parquet output is
 written only when every row was handled: one that cannot be is abandoned (never half-purified). ``--overlay`` writes
 ``<output>.overlay.png`` beside each flagged file, or ``<parquet>.overlays/<row>.overlay.png``.
 ``manifest.jsonl`` has one line per item (fields in :func:`_entry`).
@@ -34,7 +35,7 @@ from guardalign.config import DetectConfig, EncoderConfig
 from guardalign.errors import ConfigError, InputError
 from guardalign.mask_job import (  # noqa: F401 (names re-exported from here)
     DONE, MANIFEST, TMP_SUFFIX, MaskSummary, _arrow_error, _cell_rel, _entry, _parquet_base, _ParquetOut, _RunState,
-    atomic_write, print_summary, safe_relpath,
+    WITHHELD, atomic_write, print_summary, safe_relpath,
 )
 
 _SCAN_KEEP = ("status", "error", "verdict", "category", "boxes", "box_categories", "unsafe_patches",
@@ -261,6 +262,8 @@ class _Job(_RunState):
             if self.parquet is not None and pq_path == self.parquet.src:  # never pass an unpurified row on
                 self._fail_parquet(f"row {item.meta.get('row')}: {type(exc).__name__}: {exc}")
         self._record(item, entry)
+        if self.parquet is not None and entry["output"] == self.parquet.rel and entry["status"] in DONE:
+            self.parquet.done.append(entry)  # corrected in the manifest if the output is abandoned later
 
     def _file(self, item, image, info, rec: dict, entry: dict) -> None:
         given_file = item.id in self.inputs and item.id != "-" and not Path(item.id).is_dir()
@@ -334,8 +337,8 @@ class _Job(_RunState):
                 entry["output"] = None
                 entry["status"] = "error" if rec.get("status") != "ok" else "skipped"
             else:
-                pq_out.keep(row, None)  # the original cell stays; an error is reported for it
-                entry["notes"].append("row kept unchanged in the output Parquet")
+                pq_out.keep(row, WITHHELD)  # never pass on bytes that were not verified
+                entry["notes"].append("row kept in the output Parquet with its image cell null")
             return
         safe = rec["verdict"] == "safe"
         entry["status"] = "copied" if safe else "purified"

@@ -208,6 +208,15 @@ class _RunState:
             self.parquet.failed = reason
             self.summary.errors += 1
             self.summary.error_list.append((self.parquet.rel, f"Parquet output not written: {reason}"))
+            for e in self.parquet.done:  # rows recorded as written into it: the last manifest line per id wins
+                s = self.summary
+                setattr(s, e["status"], getattr(s, e["status"]) - 1)
+                if e["status"] == "purified":
+                    s.by_category[e.get("category") or "?"] -= 1
+                s.errors += 1
+                self.pending.append({**e, "status": "error", "output": None,
+                                     "error": f"the output Parquet file is not written ({reason})"})
+            self.parquet.done = []
 
     # -- writing
     def _put(self, rel: str, data: bytes, item, entry: dict, status: str, key: str = "output") -> bool:
@@ -305,6 +314,9 @@ def _compact_manifest(path: Path) -> None:
         atomic_write(path, "".join(dumps(e) + "\n" for e in entries.values()).encode("utf-8"))
 
 
+WITHHELD = object()  # a Parquet output cell set to null: the row's bytes were not verified (unreadable, changed)
+
+
 class _ParquetOut:
     """Writes one Parquet output row group by row group as its rows are processed (same schema and order)."""
 
@@ -320,7 +332,8 @@ class _ParquetOut:
         self.ends = [sum(md.row_group(i).num_rows for i in range(k + 1)) for k in range(md.num_row_groups)]
         self.next_group = 0
         self.failed: str | None = None  # why the output was abandoned
-        self.cells: dict[int, Any] = {}  # processed row → replacement cell (None: unchanged); absent: not processed
+        self.done: list[dict] = []  # manifest entries of rows recorded as written into this output
+        self.cells: dict[int, Any] = {}  # processed row → new cell (None: unchanged, WITHHELD: null); absent: not processed
         self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}{TMP_SUFFIX}")
         self.target.parent.mkdir(parents=True, exist_ok=True)
         codec = md.row_group(0).column(0).compression.lower() if md.num_row_groups and md.num_columns else "snappy"
@@ -349,7 +362,12 @@ class _ParquetOut:
         values = table.column(idx).to_pylist()
         for r in range(start, self.ends[g]):
             cell = self.cells.get(r)
-            if cell is not None:
+            if cell is WITHHELD:
+                if not table.schema.field(idx).nullable:
+                    raise ValueError(f"row {r} could not be verified and column {self.column!r} is not nullable, "
+                                     "so it cannot be withheld")
+                values[r - start] = None
+            elif cell is not None:
                 values[r - start] = {**(values[r - start] or {}), **cell} if self.kind == "struct" else cell
         table = table.set_column(idx, table.schema.field(idx), pa.array(values, type=table.schema.field(idx).type))
         if self.job.only_unsafe:
@@ -395,7 +413,7 @@ def print_summary(summary: MaskSummary, root: Path) -> None:
         if n or i < 3 or what == "errors":
             table.add_row(what, str(n))
         if i == 1:
-            for cat, k in summary.by_category.most_common():
+            for cat, k in (+summary.by_category).most_common():  # a corrected row leaves a 0
                 table.add_row(f"  purified · {cat}", str(k))
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)

@@ -263,6 +263,54 @@ def test_parquet_safe_rows_unchanged_and_only_unsafe(tmp_path, detector):
     assert pq.read_schema(out2 / "hf.parquet").equals(pq.read_schema(files["hf"]), check_metadata=True)
 
 
+def test_parquet_rows_that_cannot_be_verified_are_withheld_not_passed_on(tmp_path, detector):
+    good, bad = _png_bytes(1), _png_bytes(2)[:60]  # a truncated PNG: another decoder might still show part of it
+    src = tmp_path / "data" / "bin.parquet"
+    src.parent.mkdir()
+    pq.write_table(pa.table({"img": pa.array([good, bad, good], pa.binary()), "n": [1, 2, 3]}), src)
+    out = tmp_path / "out"
+    s = mask([str(src)], out_dir=str(out), detector=detector.with_config(tau=0.0001), progress=False)  # all safe
+    assert s.exit_code == 3
+    got = pq.read_table(out / "bin.parquet")
+    assert got.schema.equals(pq.read_schema(src)) and got.column("n").to_pylist() == [1, 2, 3]
+    assert got.column("img").to_pylist() == [good, None, good]
+    e = manifest(out)["bin.parquet#1"]
+    assert e["status"] == "error" and "truncated" in e["error"] and "image cell null" in " ".join(e["notes"])
+
+
+def test_parquet_row_changed_since_the_scan_is_withheld(tmp_path, detector):
+    from guardalign.scan import scan
+
+    src = tmp_path / "data" / "bin.parquet"
+    src.parent.mkdir()
+    cells = [_png_bytes(i) for i in range(3)]
+    pq.write_table(pa.table({"img": pa.array(cells, pa.binary())}), src)
+    records = tmp_path / "scan.jsonl"
+    scan([str(src)], out=str(records), detector=detector.with_config(tau=0.0001), progress=False)
+    cells[2] = _png_bytes(9)  # same size, other content
+    pq.write_table(pa.table({"img": pa.array(cells, pa.binary())}), src)
+    out = tmp_path / "out"
+    s = mask([str(src)], out_dir=str(out), from_scan=str(records), detector=detector, progress=False)
+    assert s.exit_code == 3 and s.copied == 2
+    assert pq.read_table(out / "bin.parquet").column("img").to_pylist() == [cells[0], cells[1], None]
+    assert "differs from the scanned" in manifest(out)["bin.parquet#2"]["error"]
+
+
+def test_a_non_nullable_image_column_abandons_the_output_rather_than_pass_a_row_on(tmp_path, detector):
+    schema = pa.schema([pa.field("img", pa.binary(), nullable=False)])
+    src = tmp_path / "data" / "strict.parquet"
+    src.parent.mkdir()
+    pq.write_table(pa.table({"img": [_png_bytes(1), b"not an image"]}, schema=schema), src)
+    out = tmp_path / "out"
+    s = mask([str(src)], out_dir=str(out), detector=detector.with_config(tau=0.0001), progress=False)
+    assert s.exit_code == 3 and not (out / "strict.parquet").exists()
+    m = manifest(out)  # the good row is not reported as written into a file that does not exist
+    assert m["strict.parquet#0"]["status"] == "error" and m["strict.parquet#0"]["output"] is None
+    assert "not nullable" in m["strict.parquet#0"]["error"] and s.copied == 0
+    again = mask([str(src)], out_dir=str(out), detector=detector.with_config(tau=0.0001), progress=False)
+    assert again.resumed == 0 and not (out / "strict.parquet").exists()  # a rerun redoes it, and fails the same way
+
+
 # ----------------------------------------------------------------------------- filesystem safety
 
 
