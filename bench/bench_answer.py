@@ -57,7 +57,7 @@ def _sync(device) -> None:
 
 def _gen_config(lv, n: int):
     """guardalign's greedy config, forced to exactly ``n`` new tokens, never emitting the image token."""
-    from guardalign.lvlm import greedy_config
+    from guardalign.models.lvlm import greedy_config
 
     cfg = greedy_config(lv, n)
     cfg.min_new_tokens = n
@@ -69,7 +69,7 @@ def _generate(lv, prep, cfg, spec=None, audit: bool = False) -> tuple[float, lis
     """Wall seconds of one ``model.generate`` (inside ``calibrating`` when ``spec`` is given) and its new tokens."""
     import torch
 
-    from guardalign.calibration import calibrating
+    from guardalign.attention.calibration import calibrating
 
     t = time.perf_counter()
     with torch.inference_mode():
@@ -106,7 +106,7 @@ def _attention_micro(n_heads, n_kv, head_dim, kv_len, n_layers, layer, instr_sta
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from guardalign.calibration import CalibrationSpec, Positions, calibrated_attention, calibrating
+    from guardalign.attention.calibration import CalibrationSpec, Positions, calibrated_attention, calibrating
 
     mod = SimpleNamespace(layer_idx=layer, is_causal=True, training=False, num_key_value_groups=n_heads // n_kv)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -156,7 +156,7 @@ def _attention_inside(van, cal, prep, cfg, spec, rounds: int) -> tuple[str, dict
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from guardalign.calibration import ATTN_IMPL, calibrated_attention, register
+    from guardalign.attention.calibration import ATTN_IMPL, calibrated_attention, register
 
     spent = {"vanilla": [], "calibrated": []}
 
@@ -200,7 +200,7 @@ def _attention_inside(van, cal, prep, cfg, spec, rounds: int) -> tuple[str, dict
 
 def _curves_md(lv, request, prep, tokens, spec) -> tuple[str, dict]:
     """Per-layer T→R mass, vanilla vs calibrated, on the prompt plus ``tokens`` (lvlm.prefix_attention)."""
-    from guardalign.lvlm import prefix_attention
+    from guardalign.models.lvlm import prefix_attention
 
     curves = prefix_attention(lv, request, tokens, spec, prepared=prep)
     start, stop = spec.resolve_layers(lv.n_layers)
@@ -226,8 +226,8 @@ def tiny(rounds: int) -> tuple[str, dict]:
     import torch
     from PIL import Image
 
-    from guardalign.calibration import CalibrationSpec
-    from guardalign.lvlm import ChatRequest, load_lvlm, prepare
+    from guardalign.attention.calibration import CalibrationSpec
+    from guardalign.models.lvlm import ChatRequest, load_lvlm, prepare
 
     fx = _fixtures()
     spec = CalibrationSpec()
@@ -329,8 +329,8 @@ def _build_llava(text: dict, image_size: int, device, dtype, seed: int = 0):
     import torch
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from guardalign.calibration import register
-    from guardalign.lvlm import DEFAULT_CHAT_TEMPLATES, LVLM, ModelInfo
+    from guardalign.attention.calibration import register
+    from guardalign.models.lvlm import DEFAULT_CHAT_TEMPLATES, LVLM, ModelInfo
 
     fx = _fixtures()
     tok = fx.build_tokenizer("llava")
@@ -360,8 +360,8 @@ def big(quick: bool, rounds: int) -> tuple[str, dict]:
     import torch
     from PIL import Image
 
-    from guardalign.calibration import ATTN_IMPL, CalibrationSpec
-    from guardalign.lvlm import ChatRequest, prepare
+    from guardalign.attention.calibration import ATTN_IMPL, CalibrationSpec
+    from guardalign.models.lvlm import ChatRequest, prepare
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -25,11 +25,11 @@ def run(quick: bool = False) -> dict:
 
     import torch
 
-    import guardalign.transport as transport
-    from guardalign.anchors import load_anchors
+    import guardalign.detection.transport as transport
+    from guardalign.detection.anchors import load_anchors
     from guardalign.config import DetectConfig
-    from guardalign.detect import Detector
-    from guardalign.encoder import load_encoder
+    from guardalign.detection.detector import Detector
+    from guardalign.models.clip import load_encoder
 
     batch = 8 if quick else 32
     rounds = 1 if quick else 4

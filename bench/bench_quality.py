@@ -56,7 +56,7 @@ def _encode(encoder, split: Split, mode: str, grid=3, stride=1.0, scales=(), chu
     """One PatchBatch for the whole split (grid crops or dense tokens)."""
     import torch
 
-    from guardalign.encoder import PatchBatch
+    from guardalign.models.clip import PatchBatch
 
     parts = []
     for i in range(0, len(split.items), chunk):
@@ -68,7 +68,7 @@ def _encode(encoder, split: Split, mode: str, grid=3, stride=1.0, scales=(), chu
 
 
 def _ot(det, batch, sizes, chunk=200) -> Scores:
-    from guardalign.encoder import PatchBatch
+    from guardalign.models.clip import PatchBatch
 
     dets = []
     for i in range(0, len(sizes), chunk):
@@ -80,7 +80,7 @@ def _ot(det, batch, sizes, chunk=200) -> Scores:
 
 def _cosines(det, batch) -> tuple[Scores, Scores]:
     """Global (ETA) and max-patch cosine with the category means."""
-    from guardalign.transport import category_means
+    from guardalign.detection.transport import category_means
 
     texts, owner = det.anchors.texts()
     import torch
@@ -92,14 +92,14 @@ def _cosines(det, batch) -> tuple[Scores, Scores]:
 
 
 def _aucs(split: Split, s: Scores) -> list[float]:
-    from guardalign.roc import auroc
+    from guardalign.detection.thresholds import auroc
 
     return [auroc(s.image[split.cond == k], split.labels[split.cond == k], s.direction) for k in range(len(CONDITIONS))]
 
 
 def _auc_cells(split: Split, s: Scores, ci: bool = True, into: list | None = None) -> list[str]:
     """AUROC per column (with bootstrap intervals when ``ci``); the raw values are appended to ``into``."""
-    from guardalign.roc import bootstrap_auroc
+    from guardalign.detection.thresholds import bootstrap_auroc
 
     values = _aucs(split, s)
     if into is not None:
@@ -142,7 +142,7 @@ def _iou_cells(split: Split, s: Scores, tau: float) -> tuple[list[str], list[str
 
 def _calibrated(split: Split, s: Scores, anchors_path: Path, work: Path, name: str, per_category=False):
     """Run the product's ``calibrate`` on this split's records (a scan output joined with labels)."""
-    from guardalign.calibrate import calibrate
+    from guardalign.commands.calibrate import calibrate
 
     lab = work / f"calib-{name}.jsonl"
     names = _names(anchors_path)
@@ -159,7 +159,7 @@ def _calibrated(split: Split, s: Scores, anchors_path: Path, work: Path, name: s
 
 
 def _names(anchors_path: Path):
-    from guardalign.anchors import load_anchors
+    from guardalign.detection.anchors import load_anchors
 
     return load_anchors(anchors_path).names
 
@@ -191,9 +191,9 @@ def run(quick: bool = False) -> dict:
     """Train (or load the cached) toy CLIP, evaluate, print and write the ``quality`` section."""
     from bench.toyworld.anchors_yaml import write_anchors
     from bench.toyworld.train import cached_model, load_trained, settings_for
-    from guardalign.anchors import load_anchors
+    from guardalign.detection.anchors import load_anchors
     from guardalign.config import DetectConfig
-    from guardalign.detect import Detector
+    from guardalign.detection.detector import Detector
 
     t0 = time.perf_counter()
     settings = settings_for(quick)
@@ -304,7 +304,7 @@ def _rulings(det, enc, test) -> str:
 
 def _portability(det, enc, test) -> str:
     """τ fitted on 3×3 windows (M=9), applied to 5×5 overlapping windows (M=25) of the same images."""
-    from guardalign.roc import choose_threshold, flags
+    from guardalign.detection.thresholds import choose_threshold, flags
 
     rows = []
     for agg in ("normalized", "paper"):
@@ -337,9 +337,9 @@ def _layouts(det, enc, test) -> str:
 
 def _calibration(det, enc, test, calib, anchors_path, work) -> str:
     """Fit τ/θ with `calibrate` on the calibration split; apply it to the test split."""
-    from guardalign.anchors import load_anchors
-    from guardalign.detect import Detector
-    from guardalign.roc import flags
+    from guardalign.detection.anchors import load_anchors
+    from guardalign.detection.detector import Detector
+    from guardalign.detection.thresholds import flags
 
     rows, loc_rows = [], []
     for name, key in (("global cosine (θ)", None), ("OT grid 3×3", "grid"), ("OT dense", "dense"),

@@ -55,7 +55,7 @@ def _fresh(tmp: str, name: str) -> Path:
 
 
 def _scan(parquet: Path, out: Path, detector, patches: str, batch: int) -> float:
-    from guardalign.scan import scan
+    from guardalign.commands.scan import scan
 
     t = time.perf_counter()
     scan([str(parquet)], out=str(out), detector=detector.with_config(patches=patches, batch_size=batch),
@@ -66,11 +66,11 @@ def _scan(parquet: Path, out: Path, detector, patches: str, batch: int) -> float
 def throughput(quick: bool) -> tuple[list, dict]:
     import torch
 
-    from guardalign.anchors import load_anchors
+    from guardalign.detection.anchors import load_anchors
     from guardalign.config import DetectConfig
-    from guardalign.detect import Detector
-    from guardalign.encoder import load_encoder
-    from guardalign.imageio import decode_image
+    from guardalign.detection.detector import Detector
+    from guardalign.models.clip import load_encoder
+    from guardalign.io.images import decode_image
 
     n, batch = (64, 16) if quick else (256, 32)
     with warnings.catch_warnings():
@@ -113,7 +113,7 @@ def throughput(quick: bool) -> tuple[list, dict]:
 # big parent would report the parent's peak instead of its own.
 RSS_SCRIPT = r"""
 import re, sys, json
-from guardalign.scan import scan
+from guardalign.commands.scan import scan
 scan([sys.argv[1]], out=sys.argv[2], clip_model=sys.argv[3], pretrained=sys.argv[4], patches="dense",
      batch_size=256, device="cpu", progress=False)
 hwm = re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)
@@ -125,7 +125,7 @@ def peak_rss(quick: bool) -> dict:
     """Peak RSS of a fresh process scanning N rows, for N = small and 10× small (tiny CLIP: memory, not speed)."""
     import torch
 
-    from guardalign.encoder import load_encoder, save_checkpoint
+    from guardalign.models.clip import load_encoder, save_checkpoint
 
     small = 1_000 if quick else 10_000
     cfg = ROOT / "tests" / "fixtures" / "tiny-clip.json"

@@ -1,4 +1,4 @@
-"""`guardalign answer`: flag parsing only; the work is guardalign.answer.answer()."""
+"""`guardalign answer`: flag parsing only; the work is guardalign.commands.answer.answer()."""
 from __future__ import annotations
 
 import sys
@@ -47,7 +47,7 @@ def answer_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip ids already in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
 ) -> None:
-    from guardalign.answer import answer
+    from guardalign.commands.answer import answer
 
     summary = call(
         answer,

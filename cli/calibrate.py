@@ -1,4 +1,4 @@
-"""`guardalign calibrate`: flag parsing only; the work is guardalign.calibrate.calibrate()."""
+"""`guardalign calibrate`: flag parsing only; the work is guardalign.commands.calibrate.calibrate()."""
 from __future__ import annotations
 
 from typing import Optional
@@ -45,7 +45,7 @@ def calibrate_command(
 ) -> None:
     import json
 
-    from guardalign.calibrate import calibrate
+    from guardalign.commands.calibrate import calibrate
 
     result = call(
         calibrate,

@@ -1,4 +1,4 @@
-"""`guardalign mask`: flag parsing only; the work is guardalign.mask.mask()."""
+"""`guardalign mask`: flag parsing only; the work is guardalign.commands.mask.mask()."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -52,7 +52,7 @@ def mask_command(
     workers: int = WORKERS,
     quiet: bool = QUIET,
 ) -> None:
-    from guardalign.mask import mask
+    from guardalign.commands.mask import mask
 
     summary = call(
         mask,

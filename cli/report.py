@@ -1,4 +1,4 @@
-"""`guardalign report`: flag parsing only; the work is guardalign.report.report()."""
+"""`guardalign report`: flag parsing only; the work is guardalign.reporting.collect.report()."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -39,7 +39,7 @@ def report_command(
     title: Optional[str] = typer.Option(None, "--title", help="Report title."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line on stderr."),
 ) -> None:
-    from guardalign.report import report
+    from guardalign.reporting.collect import report
 
     summary = call(
         report, records=records, out=out, format=format, max_thumbnails=max_thumbnails, max_rows=max_rows,

@@ -1,4 +1,4 @@
-"""`guardalign scan`: flag parsing only; the work is guardalign.scan.scan()."""
+"""`guardalign scan`: flag parsing only; the work is guardalign.commands.scan.scan()."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -51,7 +51,7 @@ def scan_command(
     max_unsafe_rate: Optional[float] = typer.Option(None, "--max-unsafe-rate", help="Exit 1 if the unsafe fraction exceeds R."),
     quiet: bool = QUIET,
 ) -> None:
-    from guardalign.scan import scan
+    from guardalign.commands.scan import scan
 
     summary = call(
         scan,

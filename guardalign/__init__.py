@@ -11,8 +11,8 @@ from guardalign.errors import ConfigError, GuardalignError, InputError, ModelLoa
 
 __all__ = ["__version__", "GuardalignError", "ConfigError", "InputError", "ModelLoadError",
            "scan", "mask", "answer", "report"]
-_ENTRY_POINTS = {"scan": "guardalign.scan", "mask": "guardalign.mask", "answer": "guardalign.answer",
-                 "report": "guardalign.report"}
+_ENTRY_POINTS = {"scan": "guardalign.commands.scan", "mask": "guardalign.commands.mask", "answer": "guardalign.commands.answer",
+                 "report": "guardalign.reporting.collect"}
 
 
 def __getattr__(name: str):

@@ -48,7 +48,7 @@ def tiny_clip_checkpoint(tiny_clip_config, tmp_path_factory) -> Path:
 
     import torch
 
-    from guardalign.encoder import load_encoder, save_checkpoint
+    from guardalign.models.clip import load_encoder, save_checkpoint
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(0)
@@ -60,6 +60,6 @@ def tiny_clip_checkpoint(tiny_clip_config, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_clip_config, tiny_clip_checkpoint):
     """ClipEncoder of the tiny model, loaded from config JSON + checkpoint on CPU."""
-    from guardalign.encoder import load_encoder
+    from guardalign.models.clip import load_encoder
 
     return load_encoder(str(tiny_clip_config), str(tiny_clip_checkpoint), device="cpu")

@@ -1,6 +1,6 @@
 """Tiny, random-weight LVLMs of every supported family, built offline and saved to disk.
 
-Each builder writes a directory that ``guardalign.lvlm.load_lvlm`` loads through the real
+Each builder writes a directory that ``guardalign.models.lvlm.load_lvlm`` loads through the real
 ``from_pretrained`` path: ``config.json`` + safetensors weights, a byte-level BPE tokenizer
 trained here with the ``tokenizers`` library, the family's image processor with tiny sizes,
 and the processor (optionally without a chat template, so the family default is exercised).
@@ -241,7 +241,7 @@ def make_tiny_lvlm(
     """
     import torch
 
-    from guardalign.lvlm import DEFAULT_CHAT_TEMPLATES
+    from guardalign.models.lvlm import DEFAULT_CHAT_TEMPLATES
 
     torch.manual_seed(seed)
     path = Path(path)

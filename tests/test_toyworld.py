@@ -17,7 +17,7 @@ from bench.toyworld import composites as comp
 from bench.toyworld.anchors_yaml import anchors_text, write_anchors
 from bench.toyworld.train import TrainSettings, cached_model, load_trained, soft_infonce
 from bench.toyworld.world import CONCEPTS, NAMES, SAFE, UNSAFE, captions, render, single_concept_set
-from guardalign.anchors import load_anchors, parse_anchors
+from guardalign.detection.anchors import load_anchors, parse_anchors
 
 
 def _digest(images) -> str:
@@ -115,8 +115,8 @@ SMOKE = TrainSettings(per_concept=24, steps=120, batch_size=64, lr=3e-3, warmup=
 
 def test_smoke_pipeline_trains_and_ot_beats_chance_at_half_coverage(tmp_path):
     from guardalign.config import DetectConfig
-    from guardalign.detect import Detector
-    from guardalign.roc import auroc
+    from guardalign.detection.detector import Detector
+    from guardalign.detection.thresholds import auroc
 
     trained = cached_model(SMOKE, root=tmp_path)
     assert not trained.cached and trained.checkpoint_path.suffix == ".safetensors"

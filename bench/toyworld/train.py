@@ -113,7 +113,7 @@ def train(settings: TrainSettings, out_dir: Path, log: Callable[[str], None] | N
     """Train from scratch and write ``model.json``, ``model.safetensors`` and ``train.json`` to ``out_dir``."""
     import torch
 
-    from guardalign.encoder import load_encoder, save_checkpoint
+    from guardalign.models.clip import load_encoder, save_checkpoint
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -207,7 +207,7 @@ def cached_model(settings: TrainSettings, root: Path = CACHE_ROOT, log: Callable
 
 def load_trained(model: TrainedModel, device: str = "cpu"):
     """Load a trained toy CLIP through the product path: ``load_encoder(config.json, checkpoint)``."""
-    from guardalign.encoder import load_encoder
+    from guardalign.models.clip import load_encoder
 
     return load_encoder(str(model.config_path), str(model.checkpoint_path), device=device)
 

@@ -1,0 +1,1 @@
+"""One library entry point per command: scan, mask, answer, calibrate, report."""

@@ -1,0 +1,1 @@
+"""Anchors, optimal transport, the detector, purification and threshold fitting."""

@@ -1,0 +1,109 @@
+"""Edit an anchors YAML's τ values in place, keeping comments, order and quoting (ruamel round-trip).
+
+Used by ``guardalign calibrate`` to write a tuned copy of the user's anchors file: only ``tau`` keys
+change, the copy is validated against the original and written atomically.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+from guardalign.errors import ConfigError
+
+_INDENTS = [(2, 4, 2), (2, 2, 0), (4, 4, 2), (4, 6, 4), (4, 4, 0), (2, 4, 0), (3, 5, 3)]
+
+
+def _yaml_for(text: str):
+    """A ruamel round-trip YAML whose indentation reproduces ``text`` best (exactly, when possible)."""
+    from ruamel.yaml import YAML
+
+    best, best_diff = None, None
+    for mapping, sequence, offset in _INDENTS:
+        y = YAML(typ="rt")
+        y.preserve_quotes = True
+        y.width = 4096
+        y.indent(mapping=mapping, sequence=sequence, offset=offset)
+        buf = io.StringIO()
+        y.dump(y.load(text), buf)
+        diff = sum(a != b for a, b in zip(buf.getvalue().splitlines(), text.splitlines()))
+        diff += abs(len(buf.getvalue().splitlines()) - len(text.splitlines()))
+        if best_diff is None or diff < best_diff:
+            best, best_diff = y, diff
+        if diff == 0:
+            break
+    if best_diff:
+        warnings.warn("could not reproduce the anchors file's layout exactly; lines other than tau may be "
+                      "re-indented in the copy", UserWarning, stacklevel=3)
+    return best
+
+
+def _set_category_tau(cat, value: float) -> None:
+    """Update a category's ``tau``, or insert it right after ``variants`` (moving the blank lines and
+    comments that followed the variants list so that they still precede the next key or category)."""
+    if "tau" in cat:
+        cat["tau"] = value
+        return
+    keys = list(cat.keys())
+    pos = keys.index("variants") + 1
+    cat.insert(pos, "tau", value)
+    variants = cat["variants"]
+    trailing = None
+    items = getattr(getattr(variants, "ca", None), "items", {})
+    if len(variants) and (len(variants) - 1) in items and items[len(variants) - 1][0] is not None:
+        trailing = items[len(variants) - 1][0]
+        items[len(variants) - 1][0] = None
+    elif "variants" in cat.ca.items and cat.ca.items["variants"][2] is not None:
+        trailing = cat.ca.items["variants"][2]
+        cat.ca.items["variants"][2] = None
+    if trailing is not None:
+        cat.ca.items["tau"] = [None, None, trailing, None]
+
+
+def tuned_yaml(text: str, tau: float | None, per_category: dict[str, float], reset_overrides: bool = True) -> str:
+    """Return ``text`` with the global ``tau`` set, then each category in ``per_category`` given its own ``tau``.
+
+    ``reset_overrides`` also sets every existing per-category ``tau`` to the global one (a global fit
+    assumes one τ for all). Comments, order and quoting are kept."""
+    y = _yaml_for(text)
+    data = y.load(text)
+    if tau is not None:
+        data["tau"] = tau
+        for cat in data["categories"] if reset_overrides else ():
+            if "tau" in cat:
+                cat["tau"] = tau
+    for cat in data["categories"]:
+        if cat["name"] in per_category:
+            _set_category_tau(cat, per_category[cat["name"]])
+    buf = io.StringIO()
+    y.dump(data, buf)
+    return buf.getvalue()
+
+
+def write_tuned_anchors(src: str | Path, out: str | Path, tau: float | None, per_category: dict[str, float],
+                        *, overwrite: bool = False, reset_overrides: bool = True) -> Path:
+    """Write the tuned copy of ``src`` to ``out`` atomically, after checking that only τ changed."""
+    from guardalign.detection.anchors import AnchorError, load_anchors, parse_anchors
+
+    src, out = Path(src), Path(out)
+    original = load_anchors(src)
+    text = tuned_yaml(src.read_text(encoding="utf-8-sig"), tau, per_category, reset_overrides)
+    try:
+        tuned = parse_anchors(text, source=str(out))
+    except AnchorError as exc:  # a bug in the editing, never the user's fault: keep their files untouched
+        raise ConfigError(f"internal error: the tuned anchors do not validate ({exc}); nothing written") from None
+    strip = lambda d: {**d, "tau": None, "categories": [{**c, "tau": None} for c in d["categories"]]}  # noqa: E731
+    if strip(tuned.to_dict()) != strip(original.to_dict()):
+        raise ConfigError("internal error: editing tau changed other fields of the anchors; nothing written")
+    if out.exists() and (not overwrite or out.resolve() == src.resolve()):
+        raise ConfigError(f"-o {out} already exists; pass --overwrite to replace it (the input is never replaced)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    load_anchors(out)
+    return out

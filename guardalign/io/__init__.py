@@ -1,0 +1,1 @@
+"""Sources, image decoding and record files: everything that touches the filesystem."""

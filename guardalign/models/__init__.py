@@ -1,0 +1,1 @@
+"""Model loading and forward passes: CLIP (open_clip) and LVLMs (transformers)."""

@@ -1,0 +1,393 @@
+"""CLIP loading through open_clip (registry name + tag | model-config JSON | local checkpoint) and patches.
+
+Two ways to get patch embeddings (DESIGN §1.1 "Patches", §4 "Dense CLIP features"):
+
+- ``grid_patches``: crop r×c windows of the original image (optionally overlapping, several scales),
+  squash-resize each crop to the model's input size and encode all crops of all images in one batch.
+- ``dense_patches``: one forward pass; the last block's patch tokens go through the MaskCLIP value
+  path ``out_proj(v)`` (no residual, no FFN), then ``ln_post`` and ``proj``.
+
+Both return pixel boxes in the original image (window geometry and the dense value path live in
+:mod:`guardalign.models.patches`). Heavy imports: torch at module level (this module is only imported lazily
+by the CLI); open_clip inside functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from guardalign.errors import ConfigError, ModelLoadError
+from guardalign.models.patches import _value_path, dense_forward, dense_visual, grid_boxes, n_windows  # noqa: F401
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_HOWTO = (
+    "\nTo use weights already on disk, point at them:\n"
+    "  --clip-model ViT-B-32 --pretrained /path/to/open_clip_pytorch_model.bin   (registry name + local checkpoint)\n"
+    "  --clip-model my-config.json --pretrained ckpt.safetensors               (open_clip model-config JSON + checkpoint)\n"
+    "(--pretrained none runs with random weights: scores are meaningless.)"
+)
+
+
+@dataclass(frozen=True)
+class PatchBatch:
+    global_emb: torch.Tensor  # (B, D) float32, L2-normalised embedding of each whole image
+    patch_emb: torch.Tensor  # (B, M, D) float32, L2-normalised patch embeddings
+    boxes: list  # B int arrays (M, 4): (x0, y0, x1, y1) pixel boxes in each ORIGINAL image, x1/y1 exclusive
+    grid: tuple  # (rows, cols) of the primary grid (grid mode) or of the token grid (dense mode)
+
+
+def _short(exc: BaseException, limit: int = 240) -> str:
+    """One-line summary of an exception: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """Silence open_clip/huggingface log lines while loading; failures become one ModelLoadError."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+
+
+def _resolve_precision(precision: str, dev: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"invalid precision={precision!r}: expected one of {PRECISIONS}")
+    if precision != "fp32" and dev.type != "cuda":
+        warnings.warn(f"precision={precision} needs CUDA; keeping fp32 on {dev}", UserWarning, stacklevel=3)
+        return "fp32"
+    return precision
+
+
+def _register_config_json(path: Path) -> tuple[str, dict | None]:
+    """Register an open_clip model-config JSON under a content-hashed name; return (name, preprocess_cfg)."""
+    import open_clip
+
+    if not path.is_file():
+        raise ModelLoadError(f"model config {path} not found.{_HOWTO}")
+    try:
+        raw = path.read_bytes()
+        obj = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model config {path} is not readable JSON ({_short(exc)}).{_HOWTO}") from None
+    cfg = obj.get("model_cfg", obj) if isinstance(obj, dict) else None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ModelLoadError(f"model config {path} lacks field(s) {missing}: expected an open_clip model config "
+                             f"with embed_dim, vision_cfg and text_cfg (optionally under model_cfg).")
+    name = "guardalign-" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    if name not in open_clip.list_models():
+        with tempfile.TemporaryDirectory() as tmp:  # add_model_config keeps the parsed config after the file goes
+            file = Path(tmp) / f"{name}.json"
+            file.write_text(json.dumps(cfg))
+            open_clip.add_model_config(file)
+    return name, (obj.get("preprocess_cfg") if "model_cfg" in obj else None)
+
+
+def _resolve_weights(arch: str, label: str, pretrained: str) -> tuple[str | None, str, bool]:
+    """Map --pretrained to (value for open_clip, provenance suffix, quick_gelu of the tag)."""
+    import open_clip
+
+    if pretrained.lower() == "none":
+        warnings.warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces "
+                      "is meaningless; use it only for tests.", UserWarning, stacklevel=3)
+        return None, "none", False
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if tag_cfg:
+        return pretrained, pretrained, bool(tag_cfg.get("quick_gelu", False))
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path.resolve()), str(path.resolve()), False
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if os.sep in pretrained or path.suffix in (".safetensors", ".pt", ".pth", ".bin", ".npz"):
+        what = f"checkpoint file {pretrained} not found"
+    elif tags:
+        what = f"{pretrained!r} is neither a checkpoint file nor a known tag for {label} (known tags: {', '.join(tags)})"
+    else:
+        what = f"{pretrained!r} is not an existing checkpoint file ({label} has no pretrained tags)"
+    raise ModelLoadError(f"Could not load CLIP weights: {what}.{_HOWTO}")
+
+
+def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", device: str = "auto",
+                 precision: str = "fp32", cache_dir: str | None = None) -> "ClipEncoder":
+    """Load a CLIP model through open_clip.
+
+    Parameters
+    ----------
+    model : open_clip registry name (``ViT-B-32``), ``hf-hub:org/repo``, ``local-dir:DIR``, or the path
+        of an open_clip model-config JSON (``{embed_dim, vision_cfg, text_cfg}`` or ``{model_cfg, preprocess_cfg}``).
+    pretrained : a pretrained tag of that model (``openai``), a local checkpoint (.safetensors, or
+        .pt/.bin/.pth loaded with ``weights_only=True``), or ``none`` for random weights (warns loudly).
+    device : ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:N``.
+    precision : ``fp32``; ``fp16``/``bf16`` cast the model on CUDA only (fp32 on CPU, with a warning).
+    cache_dir : where open_clip caches downloads (default: the Hugging Face cache).
+
+    Raises
+    ------
+    ModelLoadError : unknown model or tag, weights not cached while offline, missing or corrupt checkpoint.
+    ConfigError : bad device or precision.
+    """
+    import open_clip
+
+    from guardalign.config import resolve_device
+
+    dev = resolve_device(device)
+    prec = _resolve_precision(precision, dev)
+    pretrained = "none" if pretrained is None or str(pretrained).strip() == "" else str(pretrained).strip()
+    model = str(model)
+    preprocess_cfg = None
+    if model.startswith(("hf-hub:", "local-dir:")):
+        arch, label, weights, suffix, quick = model, model, None, "", False
+    else:
+        if model.endswith(".json") or (Path(model).is_file() and model not in open_clip.list_models()):
+            arch, preprocess_cfg = _register_config_json(Path(model).expanduser())
+            label = Path(model).name
+        else:
+            arch = label = model.replace("/", "-")
+            if arch not in open_clip.list_models():
+                close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
+                raise ModelLoadError(f"Unknown CLIP model {model!r} (not in open_clip's registry"
+                                     f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}); "
+                                     f"pass a registry name or an open_clip model-config JSON.{_HOWTO}")
+        weights, suffix, quick = _resolve_weights(arch, label, pretrained)
+    try:
+        from guardalign.models.hub import offline_if_unreachable
+
+        with _quiet_logging(), warnings.catch_warnings(), offline_if_unreachable():
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch")
+            clip = open_clip.create_model(arch, pretrained=weights, precision=prec, device=dev,
+                                          force_quick_gelu=quick, force_preprocess_cfg=preprocess_cfg,
+                                          cache_dir=cache_dir, weights_only=True)
+            tokenizer = open_clip.get_tokenizer(arch, cache_dir=cache_dir)
+    except Exception as exc:  # open_clip raises RuntimeError/OSError/safetensors errors with long messages
+        if weights is not None and not os.path.isfile(weights):
+            why = ("its weights are not in the local cache and could not be downloaded "
+                   "(no internet, or HF_HUB_OFFLINE=1)")
+        elif weights is not None:
+            why = f"checkpoint {weights} is corrupt or does not match the architecture"
+        else:
+            why = "its config or weights could not be fetched or read" if not suffix else "the model could not be built"
+        detail = "" if "not in the local cache" in why else f" [{_short(exc)}]"
+        raise ModelLoadError(f"Could not load CLIP model {label} with pretrained={pretrained!r}: {why}"
+                             f"{detail}.{_HOWTO}") from None
+    name = f"{label}:{suffix}" if suffix else label
+    return ClipEncoder(clip, tokenizer, name=name, device=dev)
+
+
+def save_checkpoint(model: torch.nn.Module, path) -> Path:
+    """Write ``model.state_dict()`` atomically: safetensors for ``*.safetensors``, else ``torch.save``.
+
+    The file loads back with ``load_encoder(config_json, path)``.
+    """
+    path = Path(path)
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        state[key] = t.clone() if ptr in seen else t  # safetensors refuses tensors that share memory
+        seen.add(ptr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _rgb(image):
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class ClipEncoder:
+    """An open_clip CLIP model with text caching, preprocessing and grid/dense patch encoders.
+
+    Embeddings are float32 on ``device``, L2-normalised along the last axis.
+    """
+
+    max_batch = 256  # images or crops per forward pass
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, name: str = "custom", device=None):
+        import open_clip
+
+        self.model = model.eval()
+        self.name = name
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        visual = model.visual
+        pp = dict(getattr(visual, "preprocess_cfg", {}) or {})
+        size = getattr(visual, "image_size", None) or pp.get("size", 224)
+        self.input_hw = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        self.image_size = int(self.input_hw[0])
+        self.mean = tuple(float(m) for m in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(float(s) for s in pp.get("std", open_clip.OPENAI_DATASET_STD))
+        self._resample = _pil_resample(pp.get("interpolation", "bicubic"))
+        self.logit_scale = float(model.logit_scale.exp().item())
+        context = getattr(model, "context_length", 77)
+        self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer("", context_length=context)
+        self.dtype = _input_dtype(visual)  # dtype the image tower expects for its pixels
+        self._mean_t = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        self._std_t = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        self._text_cache: dict[tuple, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"ClipEncoder({self.name!r}, device={self.device}, image_size={self.image_size})"
+
+    # ---- text -------------------------------------------------------------------------------
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """(V, D) normalised text embeddings; the same tensor object is returned for the same texts."""
+        key = tuple(texts)
+        if key not in self._text_cache:
+            chunks = []
+            with torch.inference_mode():
+                for i in range(0, len(key), self.max_batch):
+                    tokens = self.tokenizer(list(key[i:i + self.max_batch])).to(self.device)
+                    chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+            self._text_cache[key] = torch.cat(chunks) if chunks else torch.empty(0, self._dim(), device=self.device)
+        return self._text_cache[key]
+
+    def clear_text_cache(self) -> None:
+        """Forget cached text embeddings (after changing the model's weights)."""
+        self._text_cache.clear()
+
+    # ---- images -----------------------------------------------------------------------------
+    def _resize(self, image, box=None) -> np.ndarray:
+        """(H_s, W_s, 3) uint8: squash-resize the image (or its ``box`` crop) to the input size."""
+        h, w = self.input_hw
+        crop = image if box is None else image.crop(box)  # crop first: no resampling support outside the box
+        return np.asarray(crop.resize((w, h), self._resample))
+
+    def _to_pixels(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Stack uint8 (H, W, 3) arrays into normalised (B, 3, H, W) float32 pixels on ``device``."""
+        if not len(arrays):
+            return torch.empty(0, 3, *self.input_hw, device=self.device)
+        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        return ((x - self._mean_t) / self._std_t).contiguous()
+
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        """(B, 3, S, S): RGB, squash-resize to S×S (no centre crop), normalise with mean/std."""
+        return self._to_pixels([self._resize(_rgb(im)) for im in images])
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels → (B, D) normalised image embeddings (float32)."""
+        out = []
+        with torch.inference_mode():
+            for chunk in pixels.split(self.max_batch):
+                feats = self.model.encode_image(chunk.to(self.device, self.dtype))
+                out.append(F.normalize(feats.float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0, self._dim(), device=self.device)
+
+    def _encode_arrays(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        parts = [self.encode_images(self._to_pixels(arrays[i:i + self.max_batch]))
+                 for i in range(0, len(arrays), self.max_batch)]
+        return torch.cat(parts) if parts else torch.empty(0, self._dim(), device=self.device)
+
+    def _dim(self) -> int:
+        dim = getattr(self.model.visual, "output_dim", None)
+        return int(dim) if dim else int(self.encode_text(("",)).shape[1])
+
+    # ---- patches ----------------------------------------------------------------------------
+    def grid_patches(self, images: Sequence, grid: int = 3, stride: float = 1.0, scales=()) -> PatchBatch:
+        """Encode r×c crops of each original image (plus the whole image) in batched forwards.
+
+        Parameters
+        ----------
+        grid : windows per side of the primary grid (window = 1/grid of each side).
+        stride : window step as a fraction of the window; < 1 overlaps windows (still reaching the edges).
+        scales : extra grid sizes; their patches follow the primary ones in ``patch_emb``/``boxes``.
+
+        Returns
+        -------
+        PatchBatch with ``patch_emb`` (B, M, D), M = Σ over scales of windows per grid, and
+        ``grid`` = (n, n) windows per side of the primary grid.
+        """
+        sizes = list(dict.fromkeys([grid, *scales]))
+        if not all(isinstance(g, (int, np.integer)) and g >= 1 for g in sizes):
+            raise ConfigError(f"invalid grid sizes {sizes}: expected positive integers")
+        if not 0 < stride <= 1:
+            raise ConfigError(f"invalid stride={stride!r}: expected a fraction in (0, 1]")
+        arrays, boxes = [], []
+        for image in images:
+            image = _rgb(image)
+            bxs = np.concatenate([grid_boxes(image.width, image.height, int(g), stride=stride) for g in sizes])
+            boxes.append(bxs)
+            arrays.append(self._resize(image))
+            arrays.extend(self._resize(image, box=tuple(int(v) for v in b)) for b in bxs)
+        n_side = n_windows(grid, stride)
+        per_image = 1 + sum(n_windows(g, stride) ** 2 for g in sizes)
+        emb = self._encode_arrays(arrays).view(len(boxes), per_image, self._dim())
+        return PatchBatch(emb[:, 0], emb[:, 1:], boxes, (n_side, n_side))
+
+    def _dense_visual(self):
+        """The ViT image tower, or ConfigError when dense patches cannot be computed for it."""
+        return dense_visual(self.model.visual, self.name)
+
+    def _dense_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) → global (B, D) and value-path patch embeddings (B, gh·gw, D), normalised."""
+        return dense_forward(self._dense_visual(), pixels, self.device, self.dtype)
+
+    def dense_patches(self, images: Sequence) -> PatchBatch:
+        """One forward per image batch: MaskCLIP value-path tokens as patches, CLS path as global view.
+
+        Returns
+        -------
+        PatchBatch with ``patch_emb`` (B, gh·gw, D) in row-major token order, ``grid`` = (gh, gw)
+        and boxes mapping token (r, c) to rows ``r·H/gh .. (r+1)·H/gh`` of the original image.
+        """
+        visual = self._dense_visual()
+        gh, gw = visual.grid_size
+        arrays, boxes = [], []
+        for image in images:
+            image = _rgb(image)
+            arrays.append(self._resize(image))
+            boxes.append(grid_boxes(image.width, image.height, gh, gw))
+        glob, toks = [], []
+        for i in range(0, len(arrays), self.max_batch):
+            g, t = self._dense_forward(self._to_pixels(arrays[i:i + self.max_batch]))
+            glob.append(g)
+            toks.append(t)
+        if not glob:
+            dim = self._dim()
+            return PatchBatch(torch.empty(0, dim, device=self.device),
+                              torch.empty(0, gh * gw, dim, device=self.device), [], (gh, gw))
+        return PatchBatch(torch.cat(glob), torch.cat(toks), boxes, (gh, gw))
+
+
+def _input_dtype(visual: torch.nn.Module) -> torch.dtype:
+    """Weight dtype of the first convolution/linear layer (fp16/bf16 casts leave some tensors fp32)."""
+    for module in visual.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            return module.weight.dtype
+    return next(visual.parameters()).dtype
+
+
+def _pil_resample(name: str):
+    from PIL import Image
+
+    return {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}.get(
+        str(name), Image.Resampling.BICUBIC)

@@ -1,0 +1,1 @@
+"""The runner: resume + provenance, prefetch, batching, per-item errors, progress, gates."""

@@ -1,0 +1,1 @@
+"""Scan/answer records → statistics → HTML, Markdown and JSON reports."""
