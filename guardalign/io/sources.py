@@ -6,6 +6,8 @@ Input kinds (``READERS``), told apart up front by :func:`iter_items`:
   depth-first; symlinked directories are not followed). Files with an image extension
   (``IMAGE_EXTENSIONS``, any case) are images; ``*.parquet`` files are read as Parquet.
 - ``image``: a single file; ``parquet``: a file named ``*.parquet`` or starting with ``PAR1``.
+- ``tar``: a webdataset shard ``*.tar`` (also inside folders): one item per sample, id ``<shard>#<key>``
+  (:mod:`guardalign.io.webdataset`).
 - ``list``: ``-``, newline-separated image paths on stdin (blank lines skipped).
 
 Record ids are stable across runs of the same command:
@@ -31,6 +33,7 @@ from typing import Callable, Iterator, Sequence, TextIO
 from guardalign.errors import InputError
 from guardalign.records import Item  # noqa: F401 (re-exported: sources yield Items)
 from guardalign.io.images import IMAGE_EXTENSIONS, Decoded, decode_stream  # noqa: F401 (decode_stream re-exported)
+from guardalign.io.webdataset import count_samples, is_tar, tar_items
 
 PARQUET_EXTENSIONS = frozenset({".parquet", ".pq"})
 # Target bytes of image column data per Parquet batch (rows per batch shrink for big images).
@@ -102,11 +105,13 @@ def _plan(inputs: Sequence[str], opts: _Options) -> list[_Task]:
         elif p.is_file() and _is_parquet_file(p):
             tasks.append(_Task("parquet", g, p.name))
             opts.plans[p] = _parquet_plan(p, opts)
+        elif p.is_file() and is_tar(p):
+            tasks.append(_Task("tar", g, p.name))
         else:  # images, broken symlinks, unreadable files: per-item errors later
             tasks.append(_Task("image", g, ""))
-    names = [t.prefix for t in tasks if t.kind == "parquet"]
+    names = [t.prefix for t in tasks if t.kind in ("parquet", "tar")]
     clash = {n for n in names if names.count(n) > 1}  # same file name in two folders: use the paths
-    return [_Task(t.kind, t.given, Path(t.given).as_posix()) if t.kind == "parquet" and t.prefix in clash else t
+    return [_Task(t.kind, t.given, Path(t.given).as_posix()) if t.kind in ("parquet", "tar") and t.prefix in clash else t
             for t in tasks]
 
 
@@ -234,6 +239,8 @@ def _read_folder(task: _Task, opts: _Options) -> Iterator[Item]:
             yield _file_item(task.prefix + rel, root / rel, {"root": task.given, "rel": rel})
         elif ext in PARQUET_EXTENSIONS:
             yield from _parquet_items(root / rel, task.prefix + rel, opts)
+        elif is_tar(rel):
+            yield from tar_items(root / rel, task.prefix + rel)
 
 
 def _read_image(task: _Task, opts: _Options) -> Iterator[Item]:
@@ -346,6 +353,7 @@ READERS: dict[str, Callable[[_Task, _Options], Iterator[Item]]] = {
     "image": _read_image,
     "parquet": _read_parquet,
     "list": _read_list,
+    "tar": lambda task, opts: tar_items(task.given, task.prefix),
 }
 
 
@@ -408,8 +416,12 @@ def count_items(
                     total += 1
                 elif ext in PARQUET_EXTENSIONS:
                     total += rows(p / rel)
+                elif is_tar(rel):
+                    total += count_samples(p / rel)
         elif p.is_file() and _is_parquet_file(p):
             total += rows(p)
+        elif p.is_file() and is_tar(p):
+            total += count_samples(p)
         else:
             total += 1
     return total
