@@ -1,4 +1,5 @@
-"""Test helper: webdataset tar shards built member by member (good ones and every kind of damage)."""
+"""Test helpers: webdataset tar shards built member by member (good ones and every kind of damage), and a small
+HF-style image Parquet."""
 from __future__ import annotations
 
 import io
@@ -42,3 +43,16 @@ def good_shard(path: Path, n: int = 4, start: int = 0, sidecars: bool = True) ->
             members.append((f"{k:06d}.json", json.dumps({"caption": f"sample {k}", "k": k}).encode()))
             members.append((f"{k:06d}.txt", f"caption {k}".encode()))
     return write_tar(path, members)
+
+
+def image_parquet(path: Path, n: int, group: int = 3, start: int = 0) -> Path:
+    """``n`` rows of struct<bytes, path> images (distinct noise) in row groups of ``group`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": image_bytes(start + i), "path": f"{i}.png"} for i in range(n)]
+    table = pa.table({"image": pa.array(cells, struct), "n": list(range(n))})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=group)
+    return path

@@ -27,6 +27,9 @@ COLUMNS = ("frag", "pos", "end", "id", "source", "error", "derror", "meta", "pix
            "data")
 
 
+READ_TASK_MEMORY = 256 << 20  # bytes reserved per read/decode task
+
+
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # cluster address; None: $RAY_ADDRESS, else a local Ray started for the run
@@ -203,10 +206,10 @@ def pipeline(ray, todo: list[Fragment], actor: type, actor_kwargs: dict, cfg: Ra
     """The Ray Data pipeline over ``todo``: read/decode tasks, then ``actor`` in a pool of ``cfg.concurrency``."""
     rows = [{"frag": i, "fragment": json.dumps(f.to_dict())} for i, f in enumerate(todo)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    # max_retries: a read task whose worker dies is rerun (its repeated rows are dropped by the driver). Given as a
-    # remote-args function, it also keeps Ray from fusing decoding into the model actors (decoding stays on CPU tasks).
-    ds = ds.map_batches(read_decode, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                        ray_remote_args_fn=_read_task_args,
+    # A read task whose worker dies is rerun by Ray (its repeated rows are dropped by the driver). Its memory request
+    # (room for a block of decoded images) also differs from the actors' resources, which keeps Ray from fusing
+    # decoding into the model actors: decoding stays on CPU tasks.
+    ds = ds.map_batches(read_decode, batch_size=1, batch_format="pyarrow", num_cpus=1, memory=READ_TASK_MEMORY,
                         fn_kwargs={"image_column": image_column, "id_column": id_column,
                                    "block_rows": cfg.block_rows, "keep_data": keep_data})
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None
@@ -214,10 +217,6 @@ def pipeline(ray, todo: list[Fragment], actor: type, actor_kwargs: dict, cfg: Ra
                           compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_cpus=1,
                           num_gpus=gpus(ray, cfg),
                           fn_constructor_kwargs={**actor_kwargs, "concurrency": cfg.concurrency, "threads": threads})
-
-
-def _read_task_args() -> dict:
-    return {"max_retries": 5}
 
 
 def results(ds) -> Iterator[tuple[int, int, int, str | None]]:

@@ -12,16 +12,7 @@ from badinputs import make_good_images
 from guardalign.errors import ConfigError, InputError
 from guardalign.io.sources import iter_items
 from guardalign.pipeline.fragments import Fragment, expand, items, plan
-from shards import good_shard, image_bytes
-
-
-def write_parquet(path, n, group=3, start=0):
-    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    cells = [{"bytes": image_bytes(start + i), "path": f"{i}.png"} for i in range(n)]
-    table = pa.table({"image": pa.array(cells, struct), "n": list(range(n))})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=group)
-    return path
+from shards import good_shard, image_parquet as write_parquet
 
 
 @pytest.fixture()
