@@ -131,7 +131,7 @@ def _outside_out_dir(items: Iterator, root: Path, inputs: Sequence[str], summary
         yield from items
         return
     for item in items:
-        src = item.meta.get("parquet") or (str(item.path) if item.path is not None else None)
+        src = item.meta.get("parquet") or item.meta.get("tar") or (str(item.path) if item.path is not None else None)
         if src is not None and inside(src, root):
             summary.tally["excluded"] += 1
             continue

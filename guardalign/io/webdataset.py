@@ -49,6 +49,8 @@ class Member:
     field: str  # webdataset field: the name after the key's first dot ("jpg", "json", "seg.png")
     offset: int  # byte offset of the member's data in the tar
     size: int  # bytes of data
+    mode: int = 0o644  # permission bits, kept by a purified copy
+    mtime: float = 0.0  # modification time, kept by a purified copy
 
 
 @dataclass
@@ -147,7 +149,7 @@ def _add_member(info: tarfile.TarInfo, size: int, samples: list[Sample], by_key:
         sample.fail(f"member {info.name!r} is over {MAX_FILE_BYTES >> 20} MiB")
     if any(m.field == fld for m in sample.members):
         sample.fail(f"member {info.name!r} appears twice (duplicate key and field)")
-    sample.members.append(Member(info.name, fld, info.offset_data, info.size))
+    sample.members.append(Member(info.name, fld, info.offset_data, info.size, info.mode, info.mtime))
     return None
 
 
