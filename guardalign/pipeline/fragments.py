@@ -53,6 +53,7 @@ class _Planner:
     image_column: str | None
     id_column: str | None
     rows: int  # fragment_rows
+    split_parquet: bool = True  # False: one fragment per Parquet file (mask rebuilds each file whole)
     out: list[Fragment] = field(default_factory=list)
     chunk: list[tuple[str, str, str | None]] = field(default_factory=list)  # files waiting for a fragment
     chunk_stat: list[str] = field(default_factory=list)
@@ -129,12 +130,13 @@ def _fs(uri: str):
 
 
 def plan(inputs: Sequence[str], *, image_column: str | None = None, id_column: str | None = None,
-         fragment_rows: int = FRAGMENT_ROWS) -> list[Fragment]:
-    """Fragments of ``inputs`` in input order. InputError (exit 2) for a missing input or unusable Parquet schema."""
+         fragment_rows: int = FRAGMENT_ROWS, split_parquet: bool = True) -> list[Fragment]:
+    """Fragments of ``inputs`` in input order. InputError (exit 2) for a missing input or unusable Parquet schema.
+    ``split_parquet=False`` keeps each Parquet file in one fragment."""
     if fragment_rows < 1:
         raise ConfigError(f"fragment rows must be ≥ 1, got {fragment_rows}")
     given = expand(inputs)
-    pl = _Planner(image_column, id_column, fragment_rows)
+    pl = _Planner(image_column, id_column, fragment_rows, split_parquet)
     local = [g for g in given if not is_uri(g)]
     opts = src._Options(image_column, id_column, None, False, 1024)
     tasks = {t.given: t for t in src._plan(local, opts)} if local else {}
@@ -198,7 +200,7 @@ def _plan_parquet(path: str, base: str, pl: _Planner, plan_, meta=None) -> None:
     start, groups, rows = 0, [], 0
     for g in range(md.num_row_groups):
         n = md.row_group(g).num_rows
-        if groups and rows + n > pl.rows:
+        if groups and pl.split_parquet and rows + n > pl.rows:
             pl.add(_pq_fragment(path, base, groups, start, rows, stamp))
             start, groups, rows = start + rows, [], 0
         groups.append(g)

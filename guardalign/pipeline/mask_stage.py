@@ -321,3 +321,44 @@ class MaskStage:
             entry["sanitized"] = True
             entry["notes"].append(f"image path {rel_in!r} sanitised to {rel!r}; the cell now holds {rel!r}")
         return True, (rel if (changed or ext is not None) else None)
+
+
+# ----------------------------------------------------------------------------- reused scan records (--from-scan)
+
+
+def decode_unchanged(index: dict):
+    """The runner's decode step for --from-scan: read the bytes, check them against the scan, decode if unsafe."""
+    from guardalign.records import Decoded
+
+    def decode(item) -> Decoded:
+        rec = index.get(item.id)
+        if rec is None or rec.get("status") != "ok":
+            return Decoded(item, None, None, None)  # the stage gives the record's error
+        item, image, info, error = check_unchanged(item, rec)
+        return Decoded(item, image, info, f"{error}: it changed since the scan; rescan it" if error else None)
+
+    return decode
+
+
+def check_unchanged(item, rec: dict) -> tuple:
+    """(item with its bytes, image | None, info | None, error | None): the bytes are read once, compared with
+    the record's ``sha256`` (and size), and decoded when the verdict is unsafe (decoding hashes them too)."""
+    import hashlib
+    from dataclasses import replace
+
+    from guardalign.io.images import ImageDecodeError, decode_image, read_image_bytes
+
+    image = info = None
+    try:
+        item = item if item.data is not None else replace(item, data=read_image_bytes(item.path))
+        if rec.get("verdict") == "unsafe":
+            image, info = decode_image(data=item.data)
+        digest = info.sha256 if info is not None else hashlib.sha256(item.data).hexdigest()
+    except ImageDecodeError as exc:
+        return item, None, None, str(exc)
+    if rec.get("sha256") and digest != rec["sha256"]:
+        return item, None, None, f"content sha256 {digest[:12]}… differs from the scanned {rec['sha256'][:12]}…"
+    if image is not None and [image.width, image.height] != [rec.get("width"), rec.get("height")]:
+        return item, None, None, (f"image is {image.width}×{image.height} but was scanned as "
+                                  f"{rec.get('width')}×{rec.get('height')}")
+    return item, image, info, None

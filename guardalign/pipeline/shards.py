@@ -255,6 +255,14 @@ class ShardWriter:
         self.outdir.write_bytes(entry_rel(self.name), json.dumps(entry, ensure_ascii=False).encode())
         return entry
 
+    def close_staged(self) -> Path:
+        """Close the shard and leave it in staging (for a task that reads it); its path."""
+        if self.ready:
+            self.sink.write(self.ready)
+            self.ready = []
+        self.sink.close()
+        return self.staged
+
     def abort(self) -> None:
         self.sink.abort()
 
