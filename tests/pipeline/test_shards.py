@@ -1,0 +1,95 @@
+"""guardalign.pipeline.shards and the engine flags: ordered exactly-once shards, resume checks, merge, gates."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guardalign.errors import ConfigError
+from guardalign.io.sinks import read_records
+from guardalign.pipeline.fragments import Fragment
+from guardalign.pipeline.ray_engine import engine_config
+from guardalign.pipeline.runner import Gates, RunSummary
+from guardalign.pipeline.shards import OutDir, ShardWriter, add_counts, merge, prepare
+
+SETTINGS = {"tau": None, "model": "m"}
+
+
+def rec(i, verdict="safe"):
+    return {"id": f"f#{i}", "source": "f", "status": "ok", "error": None, "verdict": verdict,
+            "category": "violence" if verdict == "unsafe" else None}
+
+
+def finished(outdir, key, n, fmt="jsonl", order=None):
+    frag = Fragment(key, "files", files=tuple((f"f#{i}", "x", None) for i in range(n)), size=n, stamp="s")
+    w = ShardWriter(outdir, frag, fmt, SETTINGS, flush_every=2)
+    for i in order or range(n):
+        w.add(i, rec(i, "unsafe" if i == 0 else "safe"))
+    w.set_end(n)
+    return frag, w.finish()
+
+
+def test_records_land_in_order_once_whatever_order_they_arrive_in(tmp_path):
+    outdir = OutDir(str(tmp_path / "out"))
+    outdir.claim()
+    frag = Fragment("k", "files", size=5, stamp="s")
+    w = ShardWriter(outdir, frag, "jsonl", SETTINGS, flush_every=2)
+    got = []
+    for pos in (2, 0, 0, 1, 4, 2, 3):  # out of order, with repeats (a re-run block)
+        got += [r["id"] for r in w.add(pos, rec(pos))]
+    assert got == [f"f#{i}" for i in range(5)] and not w.complete
+    w.set_end(5)
+    assert w.complete
+    entry = w.finish()
+    assert [r["id"] for r in read_records(tmp_path / "out" / entry["shard"])] == [f"f#{i}" for i in range(5)]
+    assert all(r["settings"] == SETTINGS for r in read_records(tmp_path / "out" / entry["shard"]))
+    assert (entry["records"], entry["ok"], entry["unsafe"]) == (5, 5, 0)
+    assert json.loads((tmp_path / "out" / "_fragments" / (entry["shard"][7:-6] + ".json")).read_text()) == entry
+    outdir.release()
+
+
+def test_prepare_refuses_and_resumes(tmp_path):
+    outdir = OutDir(str(tmp_path / "out"))
+    outdir.claim()
+    done, entry = finished(outdir, "a", 3)
+    other = Fragment("b", "files", size=1, stamp="s")
+    with pytest.raises(ConfigError, match="--resume"):
+        prepare(outdir, [done, other], SETTINGS, resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match=r"tau: null → 0\.5"):
+        prepare(outdir, [done, other], {**SETTINGS, "tau": 0.5}, resume=True, overwrite=False)
+    todo, prev = prepare(outdir, [done, other], SETTINGS, resume=True, overwrite=False)
+    assert [f.key for f in todo] == ["b"] and prev == [entry]
+    changed = Fragment("a", "files", size=3, stamp="input changed")
+    assert [f.key for f in prepare(outdir, [changed], SETTINGS, resume=True, overwrite=False)[0]] == ["a"]
+    todo, prev = prepare(outdir, [done, other], {**SETTINGS, "tau": 0.5}, resume=False, overwrite=True)
+    assert len(todo) == 2 and prev == [] and not (tmp_path / "out" / entry["shard"]).exists()
+    outdir.release()
+
+
+def test_merge_and_gates_from_the_entries(tmp_path):
+    outdir = OutDir(str(tmp_path / "out"))
+    outdir.claim()
+    _, e1 = finished(outdir, "a", 3, fmt="parquet", order=[2, 1, 0])
+    _, e2 = finished(outdir, "b", 2, fmt="parquet")
+    assert merge(outdir, [e1, e2], str(tmp_path / "all.jsonl"), overwrite=False) == 5
+    assert [r["id"] for r in read_records(tmp_path / "all.jsonl")] == ["f#0", "f#1", "f#2", "f#0", "f#1"]
+    with pytest.raises(ConfigError, match="exists"):
+        merge(outdir, [e1], str(tmp_path / "all.jsonl"), overwrite=False)
+    s = RunSummary()
+    for e in (e1, e2):
+        add_counts(s, e)
+    s.apply_gates(Gates(max_unsafe_rate=0.3))
+    assert (s.total, s.unsafe, s.resumed, s.gate_failed, s.exit_code) == (5, 2, 5, True, 1)
+    outdir.release()
+
+
+def test_engine_flags():
+    assert engine_config("local", ray_address=None, concurrency=None, gpus_per_worker=None) is None
+    with pytest.raises(ConfigError, match="--concurrency, --merge only apply with --engine ray"):
+        engine_config("local", ray_address=None, concurrency=2, gpus_per_worker=None, merge="x.parquet")
+    with pytest.raises(ConfigError, match="invalid --engine"):
+        engine_config("spark", ray_address=None, concurrency=None, gpus_per_worker=None)
+    with pytest.raises(ConfigError, match="--concurrency 0"):
+        engine_config("ray", ray_address=None, concurrency=0, gpus_per_worker=None)
+    cfg = engine_config("ray", ray_address="auto", concurrency=3, gpus_per_worker=0.5)
+    assert (cfg.address, cfg.concurrency, cfg.gpus_per_worker) == ("auto", 3, 0.5)
