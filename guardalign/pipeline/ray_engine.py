@@ -168,30 +168,43 @@ def _torch_threads(concurrency: int, threads: int | None) -> None:
 
 
 class DetectActor:
-    """One model actor: builds ONE Detector from the run's options and runs DetectStage on each batch."""
+    """One model actor: builds ONE Detector from the run's options and runs DetectStage on each batch.
 
-    def __init__(self, options: dict, concurrency: int = 1, threads: int | None = None):
+    Each record leaves the actor encoded as its shard stores it (:func:`~guardalign.pipeline.shards.encode`, in
+    ``fmt``) with the few fields the driver counts, so the driver only places and counts records. ``settings``
+    are the driver's: an actor whose detector has other settings (another model or anchors on that node) refuses to
+    start rather than write records that would claim them.
+    """
+
+    def __init__(self, options: dict, fmt: str, settings: dict, concurrency: int = 1, threads: int | None = None):
         from guardalign.detection.detector import Detector
         from guardalign.pipeline.detect import DetectStage
+        from guardalign.pipeline.runner import settings_diff
 
         _torch_threads(concurrency, threads)
         self.stage = DetectStage(Detector.from_options(**options))
+        self.fmt, self.settings = fmt, settings
+        diff = settings_diff(settings, self.stage.settings())
+        if diff:
+            raise ConfigError("a Ray worker builds a detector with other settings than the driver: " + "; ".join(diff))
 
     def __call__(self, batch):
         import pyarrow as pa
 
-        from guardalign.io.sinks import dumps
         from guardalign.pipeline.runner import _process
+        from guardalign.pipeline.shards import SUMMARY_FIELDS, encode
 
         rows = batch.to_pylist()
         work = [r for r in rows if r["end"] < 0]
         records = iter(_process(self.stage, decoded_from_rows(work)) if work else [])
-        out = {"frag": [], "pos": [], "end": [], "record": []}
+        out: dict[str, list] = {c: [] for c in ("frag", "pos", "end", *SUMMARY_FIELDS, "payload")}
         for r in rows:
-            out["frag"].append(r["frag"])
-            out["pos"].append(r["pos"])
-            out["end"].append(r["end"])
-            out["record"].append(dumps(next(records)) if r["end"] < 0 else None)
+            rec = next(records) if r["end"] < 0 else {}
+            for c in ("frag", "pos", "end"):
+                out[c].append(r[c])
+            for c in SUMMARY_FIELDS:
+                out[c].append(None if rec.get(c) is None else str(rec[c]))
+            out["payload"].append(encode(rec, self.settings, self.fmt) if rec else None)
         return pa.table(out)
 
 
@@ -222,10 +235,14 @@ def pipeline(ray, todo: list[Fragment], actor: type, actor_kwargs: dict, cfg: Ra
                           fn_constructor_kwargs={**actor_kwargs, "concurrency": cfg.concurrency, "threads": threads})
 
 
-def results(ds) -> Iterator[tuple[int, int, int, str | None]]:
-    """(fragment index, position, end, record JSON) as blocks reach the driver."""
+def results(ds) -> Iterator[tuple[int, int, int, dict, str | None]]:
+    """(fragment index, position, end, counted fields, encoded record) as blocks reach the driver."""
+    from guardalign.pipeline.shards import SUMMARY_FIELDS
+
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield from zip(*(batch.column(c).to_pylist() for c in ("frag", "pos", "end", "record")))
+        cols = [batch.column(c).to_pylist() for c in ("frag", "pos", "end", *SUMMARY_FIELDS, "payload")]
+        for row in zip(*cols):
+            yield row[0], row[1], row[2], dict(zip(SUMMARY_FIELDS, row[3:-1])), row[-1]
 
 
 def engine_config(engine: str, *, ray_address: str | None, concurrency: int | None,

@@ -136,7 +136,8 @@ def mask(inputs: Sequence[str], *, root: Path, settings: dict, options: dict, in
                 for frag in todo:
                     submit(frag, shared)
             elif todo:
-                ds = pipeline(ray, todo, DetectActor, {"options": options}, cfg, batch_size=batch_size,
+                actor = {"options": options, "fmt": "jsonl", "settings": settings["detector"]}
+                ds = pipeline(ray, todo, DetectActor, actor, cfg, batch_size=batch_size,
                               image_column=image_column, id_column=id_column)
 
                 def detected(frag, writer) -> dict:

@@ -6,7 +6,6 @@ mean what they mean locally), writes ``manifest.json`` and, with ``merge``, one 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +27,7 @@ def collect(ds, todo: list, make_writer: Callable[[Any], Any], summary: RunSumma
     finished: set[int] = set()
     entries: dict[str, dict] = {}
     try:
-        for idx, pos, end, raw in results(ds):
+        for idx, pos, end, fields, payload in results(ds):
             if idx in finished:
                 continue
             w = writers.get(idx)
@@ -37,7 +36,7 @@ def collect(ds, todo: list, make_writer: Callable[[Any], Any], summary: RunSumma
             if end >= 0:
                 w.set_end(end)
             else:
-                written = w.add(pos, json.loads(raw))
+                written = w.add(pos, fields, payload)
                 for rec in written:
                     summary.add(rec)
                 summary.processed += len(written)
@@ -122,7 +121,7 @@ def scan(inputs: Sequence[str], *, out: str, fmt: str | None, settings: dict, ba
             with ray_session(cfg) as ray, progress_bar("scan", total, enabled=progress, unit="img",
                                                        completed=summary.resumed) as advance:
                 provenance["gpus_per_worker"] = gpus(ray, cfg)
-                ds = pipeline(ray, todo, DetectActor, {"options": options}, cfg,
+                ds = pipeline(ray, todo, DetectActor, {"options": options, "fmt": fmt, "settings": settings}, cfg,
                               batch_size=batch_size, image_column=image_column, id_column=id_column)
                 entries.update(collect(ds, todo, lambda f: shards.ShardWriter(outdir, f, fmt, settings, transform=ids),
                                        summary, advance, lambda f, w: w.finish()))

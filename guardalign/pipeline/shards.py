@@ -114,6 +114,11 @@ class OutDir:
             shutil.copyfileobj(src, dst, 1 << 20)
         return local
 
+    def drop_fetched(self, local: Path) -> None:
+        """Delete a downloaded copy (a local output's own files are left alone)."""
+        if self.remote:
+            local.unlink(missing_ok=True)
+
     def remove(self, rel: str) -> None:
         if self.remote:
             if self.exists(rel):
@@ -196,44 +201,115 @@ def add_counts(summary: RunSummary, entry: dict) -> None:
     summary.resumed += entry["records"]
 
 
+SUMMARY_FIELDS = ("id", "source", "status", "error", "verdict", "category")  # what the driver counts, per record
+
+
+def encode(record: dict, settings: dict, fmt: str) -> str:
+    """A record as a shard stores it, ``settings`` added as the runner adds them: its JSONL line, or the JSON of
+    its Parquet row (:func:`guardalign.io.parquet._to_row`). The model actors encode, so the driver never has to."""
+    from guardalign.io.sinks import dumps
+
+    rec = {**record, "settings": settings}
+    if fmt == "jsonl":
+        return dumps(rec)
+    from guardalign.io.parquet import _to_row
+
+    row = _to_row(rec)
+    for name in _map_columns():  # JSON readers have no map type: key/value pairs, rebuilt by _parquet_rows
+        if isinstance(row.get(name), dict):
+            row[name] = [{"key": k, "value": v} for k, v in row[name].items()]
+    return json.dumps(row, ensure_ascii=False, allow_nan=False)
+
+
+def _map_columns() -> list[str]:
+    from guardalign.io.parquet import SCAN_FIELDS
+
+    return [n for n, t in SCAN_FIELDS if t.startswith("map<")]
+
+
+def _parquet_rows(rows: list[str]):
+    """Encoded Parquet rows → a table of the scan schema, parsed by Arrow's JSON reader (no per-row Python)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    from guardalign.io.parquet import scan_schema
+
+    schema = scan_schema()
+    maps = _map_columns()
+    wire = pa.schema([pa.field(f.name, pa.list_(pa.struct([("key", f.type.key_type), ("value", f.type.item_type)])))
+                      if f.name in maps else f for f in schema])
+    data = "\n".join(rows).encode("utf-8")
+    table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=max(1 << 20, 4 * max(map(len, rows)))),
+                         parse_options=pj.ParseOptions(explicit_schema=wire, unexpected_field_behavior="error"))
+    for name in maps:
+        col = table.column(name).combine_chunks()
+        pairs = col.values
+        as_map = pa.MapArray.from_arrays(col.offsets, pairs.field("key"), pairs.field("value"),
+                                         type=schema.field(name).type, mask=col.is_null())
+        table = table.set_column(table.schema.get_field_index(name), schema.field(name), as_map)
+    return table.select(schema.names).cast(schema)
+
+
 class ShardWriter:
-    """One fragment's records into its staged shard, in input order whatever order they arrive in, each once."""
+    """One fragment's encoded records into its staged shard, in input order whatever order they arrive in, each once.
 
-    def __init__(self, outdir: OutDir, frag, fmt: str, settings: dict, flush_every: int = 64, transform=None):
-        from guardalign.io.sinks import open_sink
+    Plain buffered writes (a JSONL file, or a ParquetWriter with row groups of ``group`` rows) synced when the
+    fragment is complete: a fragment that is not complete is redone from the start, so no journal is needed.
+    """
 
-        self.outdir, self.frag, self.fmt, self.settings = outdir, frag, fmt, settings
+    def __init__(self, outdir: OutDir, frag, fmt: str, settings: dict, transform=None, group: int = 4096):
+        self.outdir, self.frag, self.fmt, self.settings, self.group = outdir, frag, fmt, settings, group
         self.name = shard_name(frag.key)
         self.rel = f"{SHARDS}/{self.name}{FORMATS[fmt]}"
         self.staged = outdir.staging / f"{self.name}{FORMATS[fmt]}"
-        for stale in (self.staged, self.staged.with_name(self.staged.name + ".partial.jsonl")):
-            stale.unlink(missing_ok=True)
-        self.sink = open_sink(str(self.staged), fmt)
-        self.next, self.end, self.flush_every = 0, None, flush_every  # end: the item count, from the read task
+        self.staged.unlink(missing_ok=True)
+        self.file = open(self.staged, "wb") if fmt == "jsonl" else None
+        self.writer = None  # the ParquetWriter, opened on the first row group
+        self.rows: list[str] = []  # Parquet rows (JSON) waiting for their row group
+        self.next, self.end = 0, None  # next position to write; the item count, from the read task's sentinel
         self.transform = transform  # applied to each record once its turn comes (e.g. a run-wide id check)
-        self.pending: dict[int, dict] = {}
-        self.ready: list[dict] = []
+        self.pending: dict[int, tuple[dict, str]] = {}
         self.summary = RunSummary()
 
-    def add(self, pos: int, record: dict) -> list[dict]:
-        """Take record ``pos`` (a repeat from a retried task is dropped); the records now written, in order."""
+    def add(self, pos: int, fields: dict, payload: str) -> list[dict]:
+        """Take record ``pos`` (``fields``: its SUMMARY_FIELDS; ``payload``: :func:`encode`); a repeat from a re-run
+        block is dropped. Returns the fields of the records now written, in order."""
         if pos < self.next or pos in self.pending:
             return []
-        self.pending[pos] = record
+        self.pending[pos] = (fields, payload)
         out = []
         while self.next in self.pending:
-            rec = self.pending.pop(self.next)
+            fields, payload = self.pending.pop(self.next)
             if self.transform is not None:
-                rec = self.transform(rec)
-            rec["settings"] = self.settings
-            self.ready.append(rec)
-            self.summary.add(rec)
-            out.append(rec)
+                new = self.transform(fields)
+                if new is not fields:
+                    fields, payload = new, encode(new, self.settings, self.fmt)
+            self._write(payload)
+            self.summary.add(fields)
+            out.append(fields)
             self.next += 1
-        if len(self.ready) >= self.flush_every or self.complete:
-            self.sink.write(self.ready)
-            self.ready = []
         return out
+
+    def _write(self, payload: str) -> None:
+        if self.file is not None:
+            self.file.write(payload.encode("utf-8") + b"\n")
+            return
+        self.rows.append(payload)
+        if len(self.rows) >= self.group:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow.parquet as pq
+
+        from guardalign.io.parquet import scan_schema
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.staged, scan_schema())
+        if self.rows:
+            self.writer.write_table(_parquet_rows(self.rows))
+            self.rows = []
 
     def set_end(self, n: int) -> None:
         self.end = n
@@ -242,29 +318,34 @@ class ShardWriter:
     def complete(self) -> bool:
         return self.end is not None and self.next >= self.end
 
+    def close_staged(self) -> Path:
+        """Close the shard (synced to disk) and leave it in staging; its path."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        else:
+            self._flush()
+            self.writer.close()
+        return self.staged
+
     def finish(self, extra: dict | None = None) -> dict:
         """Close the shard, put it in place, then write its entry; returns the entry."""
-        if self.ready:
-            self.sink.write(self.ready)
-            self.ready = []
-        self.sink.close()
-        self.outdir.place(self.staged, self.rel)
+        self.outdir.place(self.close_staged(), self.rel)
         entry = {"fragment": self.frag.key, "kind": self.frag.kind, "input": self.frag.path or None,
                  "stamp": self.frag.stamp, "shard": self.rel, "format": self.fmt, **counts(self.summary),
                  "settings": self.settings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {})}
         self.outdir.write_bytes(entry_rel(self.name), json.dumps(entry, ensure_ascii=False).encode())
         return entry
 
-    def close_staged(self) -> Path:
-        """Close the shard and leave it in staging (for a task that reads it); its path."""
-        if self.ready:
-            self.sink.write(self.ready)
-            self.ready = []
-        self.sink.close()
-        return self.staged
-
     def abort(self) -> None:
-        self.sink.abort()
+        for f in (self.file, self.writer):
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001 - the staged file is discarded anyway
+                    pass
+        self.staged.unlink(missing_ok=True)
 
 
 def write_manifest(outdir: OutDir, entries: list[dict], settings: dict, provenance: dict,
@@ -277,26 +358,75 @@ def write_manifest(outdir: OutDir, entries: list[dict], settings: dict, provenan
     outdir.write_bytes(MANIFEST, json.dumps(doc, ensure_ascii=False, indent=1).encode())
 
 
-def merge(outdir: OutDir, entries: Iterable[dict], target: str, *, overwrite: bool, chunk: int = 2000) -> int:
-    """Concatenate the shards of ``entries`` (in order) into one ``target`` file (``.parquet`` or JSONL)."""
-    from guardalign.io.sinks import open_sink, read_records
-
+def merge(outdir: OutDir, entries: Iterable[dict], target: str, *, overwrite: bool) -> int:
+    """Concatenate the shards of ``entries`` (in order) into one ``target`` file (``.parquet`` or JSONL), written
+    to a temp file beside it and renamed. Shards of the target's format are copied as they are (bytes, or Parquet
+    row groups); others are converted record by record."""
     fmt = "parquet" if target.lower().endswith((".parquet", ".pq")) else "jsonl"
     path = Path(target)
-    if os.path.lexists(path) or os.path.lexists(str(path) + ".partial.jsonl"):
-        if not overwrite:
-            raise ConfigError(f"--merge {target} exists; pass --overwrite to replace it")
-        path.unlink(missing_ok=True)
-        Path(str(path) + ".partial.jsonl").unlink(missing_ok=True)
-    n = 0
-    with open_sink(target, fmt) as sink:
-        for e in entries:
-            batch = []
-            for rec in read_records(outdir.fetch(e["shard"])):
-                batch.append(rec)
-                if len(batch) >= chunk:
-                    sink.write(batch)
-                    n, batch = n + len(batch), []
-            sink.write(batch)
-            n += len(batch)
+    if os.path.lexists(path) and not overwrite:
+        raise ConfigError(f"--merge {target} exists; pass --overwrite to replace it")
+    if path.is_dir() or path.is_symlink():
+        raise ConfigError(f"--merge {target} is a folder or a symlink; not writing over it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        n = (_merge_parquet if fmt == "parquet" else _merge_jsonl)(outdir, list(entries), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return n
+
+
+def _merge_jsonl(outdir: OutDir, entries: list[dict], tmp: Path) -> int:
+    from guardalign.io.sinks import _encode, read_records
+
+    n = 0
+    with open(tmp, "wb") as out:
+        for e in entries:
+            local = outdir.fetch(e["shard"])
+            if e.get("format") == "jsonl":
+                with open(local, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+            else:
+                for chunk in _chunks(read_records(local)):
+                    out.write(_encode(chunk))
+            n += e["records"]
+            outdir.drop_fetched(local)
+    return n
+
+
+def _merge_parquet(outdir: OutDir, entries: list[dict], tmp: Path) -> int:
+    import pyarrow.parquet as pq
+
+    from guardalign.io.parquet import _rows_table, scan_schema
+    from guardalign.io.sinks import read_records
+
+    n = 0
+    with pq.ParquetWriter(tmp, scan_schema()) as writer:
+        for e in entries:
+            local = outdir.fetch(e["shard"])
+            if e.get("format") == "parquet":
+                with pq.ParquetFile(local) as pf:
+                    for g in range(pf.num_row_groups):
+                        writer.write_table(pf.read_row_group(g))
+            else:
+                for chunk in _chunks(read_records(local)):
+                    writer.write_table(_rows_table(chunk, scan_schema()))
+            n += e["records"]
+            outdir.drop_fetched(local)
+    return n
+
+
+def _chunks(records, size: int = 4096):
+    batch = []
+    for rec in records:
+        batch.append(rec)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

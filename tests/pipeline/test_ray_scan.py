@@ -55,16 +55,15 @@ def runs(ray_cluster, data, flags, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray-out")
     local_inputs = [str(data / "imgs"), str(data / "p.parquet"), str(data / "shards")]
     ray_inputs = [str(data / "imgs"), f"file://{data}/p.parquet", str(data / "shards")]
-    local = scan(local_inputs, out=str(tmp / "local.jsonl"), **flags)
-    remote = scan(ray_inputs, out=str(tmp / "out"), engine="ray", format="jsonl", merge=str(tmp / "merged.jsonl"),
-                  **flags)
+    local = scan(local_inputs, out=str(tmp / "local.parquet"), **flags)
+    remote = scan(ray_inputs, out=str(tmp / "out"), engine="ray", merge=str(tmp / "merged.parquet"), **flags)
     return {"tmp": tmp, "local": local, "ray": remote, "inputs": ray_inputs}
 
 
 def test_ray_and_local_records_are_identical(runs):
     tmp = runs["tmp"]
-    local = list(read_records(tmp / "local.jsonl"))
-    merged = list(read_records(tmp / "merged.jsonl"))
+    local = list(read_records(tmp / "local.parquet"))
+    merged = list(read_records(tmp / "merged.parquet"))
     assert plain(merged, "file://") == plain(local)  # same ids, order, verdicts, scores, errors and settings
     assert any(r["status"] == "error" and "not grouped by key" in r["error"] for r in merged)
     assert sum(r["source"].startswith("file://") for r in merged) == 5  # the URI input was read through pyarrow
@@ -83,10 +82,9 @@ def test_manifest_maps_inputs_to_shards_with_counts(runs):
     assert manifest["engine"] == "ray" and manifest["inputs"] == runs["inputs"]
     assert manifest["totals"]["records"] == runs["local"].total == sum(f["records"] for f in frags)
     for f in frags:
-        shard = out / f["shard"]
-        assert len(shard.read_text().splitlines()) == f["records"]
+        assert len(list(read_records(out / f["shard"]))) == f["records"] and f["format"] == "parquet"
         assert (out / "_fragments" / (Path(f["shard"]).stem + ".json")).is_file()
-    assert manifest["settings"] == list(read_records(runs["tmp"] / "local.jsonl"))[0]["settings"]
+    assert manifest["settings"] == list(read_records(runs["tmp"] / "local.parquet"))[0]["settings"]
     assert not (out / ".staging").exists() and not (out / ".lock").exists()
 
 
@@ -101,18 +99,16 @@ def test_resume_redoes_only_unfinished_fragments(runs, flags, tmp_path):
     (out / ".staging" / Path(lost["shard"]).name).write_text('{"id": "half-written"')
     kept = {f["shard"]: (out / f["shard"]).stat().st_mtime_ns for f in manifest["fragments"] if f is not lost}
     with pytest.raises(ConfigError, match="--resume"):
-        scan(runs["inputs"], out=str(out), engine="ray", format="jsonl", **flags)
-    s = scan(runs["inputs"], out=str(out), engine="ray", format="jsonl", resume=True,
-             merge=str(tmp_path / "merged.jsonl"), **flags)
+        scan(runs["inputs"], out=str(out), engine="ray", **flags)
+    s = scan(runs["inputs"], out=str(out), engine="ray", resume=True, merge=str(tmp_path / "merged.jsonl"), **flags)
     assert (s.resumed, s.processed, s.total) == (runs["ray"].total - lost["records"], lost["records"], runs["ray"].total)
     assert {k: (out / k).stat().st_mtime_ns for k in kept} == kept  # finished shards were not rewritten
-    assert plain(read_records(tmp_path / "merged.jsonl")) == plain(read_records(runs["tmp"] / "merged.jsonl"))
+    assert plain(read_records(tmp_path / "merged.jsonl")) == plain(read_records(runs["tmp"] / "merged.parquet"))
     # a resume with other settings is refused before anything runs, naming each setting
     with pytest.raises(ConfigError, match=r"tau: null → 2\.0"):
-        scan(runs["inputs"], out=str(out), engine="ray", format="jsonl", resume=True, tau=2.0, **flags)
+        scan(runs["inputs"], out=str(out), engine="ray", resume=True, tau=2.0, **flags)
     # every fragment done: nothing runs, and the gates see the aggregated counts
-    again = scan(runs["inputs"], out=str(out), engine="ray", format="jsonl", resume=True, fail_on_unsafe=True,
-                 **flags)
+    again = scan(runs["inputs"], out=str(out), engine="ray", resume=True, fail_on_unsafe=True, **flags)
     assert (again.resumed, again.processed, again.errors) == (s.total, 0, runs["local"].errors)
     assert again.exit_code == runs["local"].exit_code
 
@@ -152,12 +148,15 @@ def test_a_killed_worker_still_gives_every_id_exactly_once(ray_cluster, flags, t
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    s = scan(inputs, out=str(out), engine="ray", merge=str(tmp_path / "all.parquet"), **{**flags, "batch_size": 2})
+    s = scan(inputs, out=str(out), engine="ray", format="jsonl", merge=str(tmp_path / "all.jsonl"), **flags)
     thread.join(timeout=5)
     assert killed and killed[0][1] < len(shards), f"no worker was killed mid-run: {killed}"
     # the model actor was killed, and it only runs the model: decoding is in separate CPU tasks
     assert any("DetectActor" in cmd and "read_decode" not in cmd for cmd, _ in killed), killed
-    ids = [r["id"] for r in read_records(tmp_path / "all.parquet")]
+    ids = [r["id"] for r in read_records(tmp_path / "all.jsonl")]
     want = [i.id for i in iter_items(inputs)]
     assert ids == want and len(set(ids)) == len(ids) == 36  # every id once, in input order
     assert (s.total, s.errors, s.exit_code) == (36, 0, 0)
+    local = scan(inputs, out=str(tmp_path / "local.jsonl"), **flags)  # and JSONL shards match a local run too
+    assert plain(read_records(tmp_path / "all.jsonl")) == plain(read_records(tmp_path / "local.jsonl"))
+    assert local.total == 36

@@ -10,7 +10,7 @@ from guardalign.io.sinks import read_records
 from guardalign.pipeline.fragments import Fragment
 from guardalign.pipeline.ray_engine import engine_config
 from guardalign.pipeline.runner import Gates, RunSummary
-from guardalign.pipeline.shards import OutDir, ShardWriter, add_counts, merge, prepare
+from guardalign.pipeline.shards import SUMMARY_FIELDS, OutDir, ShardWriter, add_counts, encode, merge, prepare
 
 SETTINGS = {"tau": None, "model": "m"}
 
@@ -20,11 +20,15 @@ def rec(i, verdict="safe"):
             "category": "violence" if verdict == "unsafe" else None}
 
 
+def add(w, pos, record):
+    return w.add(pos, {k: record.get(k) for k in SUMMARY_FIELDS}, encode(record, SETTINGS, w.fmt))
+
+
 def finished(outdir, key, n, fmt="jsonl", order=None):
     frag = Fragment(key, "files", files=tuple((f"f#{i}", "x", None) for i in range(n)), size=n, stamp="s")
-    w = ShardWriter(outdir, frag, fmt, SETTINGS, flush_every=2)
+    w = ShardWriter(outdir, frag, fmt, SETTINGS, group=2)
     for i in order or range(n):
-        w.add(i, rec(i, "unsafe" if i == 0 else "safe"))
+        add(w, i, rec(i, "unsafe" if i == 0 else "safe"))
     w.set_end(n)
     return frag, w.finish()
 
@@ -33,16 +37,16 @@ def test_records_land_in_order_once_whatever_order_they_arrive_in(tmp_path):
     outdir = OutDir(str(tmp_path / "out"))
     outdir.claim()
     frag = Fragment("k", "files", size=5, stamp="s")
-    w = ShardWriter(outdir, frag, "jsonl", SETTINGS, flush_every=2)
+    w = ShardWriter(outdir, frag, "jsonl", SETTINGS)
     got = []
     for pos in (2, 0, 0, 1, 4, 2, 3):  # out of order, with repeats (a re-run block)
-        got += [r["id"] for r in w.add(pos, rec(pos))]
+        got += [r["id"] for r in add(w, pos, rec(pos))]
     assert got == [f"f#{i}" for i in range(5)] and not w.complete
     w.set_end(5)
     assert w.complete
     entry = w.finish()
     assert [r["id"] for r in read_records(tmp_path / "out" / entry["shard"])] == [f"f#{i}" for i in range(5)]
-    assert all(r["settings"] == SETTINGS for r in read_records(tmp_path / "out" / entry["shard"]))
+    assert list(read_records(tmp_path / "out" / entry["shard"])) == [{**rec(i), "settings": SETTINGS} for i in range(5)]
     assert (entry["records"], entry["ok"], entry["unsafe"]) == (5, 5, 0)
     assert json.loads((tmp_path / "out" / "_fragments" / (entry["shard"][7:-6] + ".json")).read_text()) == entry
     outdir.release()
@@ -70,9 +74,11 @@ def test_merge_and_gates_from_the_entries(tmp_path):
     outdir = OutDir(str(tmp_path / "out"))
     outdir.claim()
     _, e1 = finished(outdir, "a", 3, fmt="parquet", order=[2, 1, 0])
-    _, e2 = finished(outdir, "b", 2, fmt="parquet")
-    assert merge(outdir, [e1, e2], str(tmp_path / "all.jsonl"), overwrite=False) == 5
-    assert [r["id"] for r in read_records(tmp_path / "all.jsonl")] == ["f#0", "f#1", "f#2", "f#0", "f#1"]
+    _, e2 = finished(outdir, "b", 2, fmt="jsonl")
+    for target in ("all.jsonl", "all.parquet"):  # each kind of shard into each kind of file
+        assert merge(outdir, [e1, e2], str(tmp_path / target), overwrite=False) == 5
+        assert [r["id"] for r in read_records(tmp_path / target)] == ["f#0", "f#1", "f#2", "f#0", "f#1"]
+    assert list(read_records(tmp_path / "all.parquet"))[0]["settings"] == SETTINGS
     with pytest.raises(ConfigError, match="exists"):
         merge(outdir, [e1], str(tmp_path / "all.jsonl"), overwrite=False)
     s = RunSummary()
