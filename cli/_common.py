@@ -48,6 +48,6 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on
 
 # The Ray engine (scan and mask): `--engine ray` runs the same stages on a Ray cluster (pip install 'guardalign[ray]').
 ENGINE = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster: decoding in CPU tasks, detection in model actors; scan's --out is then a folder of record shards).")
-RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started for the run).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else one started on this machine with `ray start`, else a local Ray just for the run).")
 CONCURRENCY = typer.Option(None, "--concurrency", help="--engine ray: model actors, each holding one detector (default 1).")
 GPUS_PER_WORKER = typer.Option(None, "--gpus-per-worker", help="--engine ray: GPUs per model actor (default: 1 when the cluster has GPUs, else 0).")

@@ -33,7 +33,7 @@ BLOCK_BYTES = 4 << 20  # Ray Data's target block size during a run
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None  # cluster address; None: $RAY_ADDRESS, else a local Ray started for the run
+    address: str | None = None  # cluster address; None: $RAY_ADDRESS, a `ray start` cluster here, else a local Ray
     concurrency: int = 1  # model actors (each holds one Detector)
     gpus_per_worker: float | None = None  # GPUs per actor; None: 1 when the cluster has GPUs, else 0
     fragment_rows: int = FRAGMENT_ROWS  # Parquet rows / image files per fragment (one output shard each)
@@ -60,8 +60,9 @@ def import_ray():
 
 @contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
-    """Connect to ``cfg.address`` / $RAY_ADDRESS, or start a local Ray for the run (shut down after); a Ray
-    already initialised in this process is used as it is. Ray Data's own progress bars are turned off for the run
+    """Connect to ``cfg.address`` / $RAY_ADDRESS / a cluster started on this machine with ``ray start``, or start a
+    local Ray for the run (Ray's own order; shut down after); a Ray already initialised in this process is used as
+    it is. Ray Data's own progress bars are turned off for the run
     (guardalign shows its own on stderr) and restored afterwards."""
     import logging
 
