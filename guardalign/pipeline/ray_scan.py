@@ -129,7 +129,9 @@ def scan(inputs: Sequence[str], *, out: str, fmt: str | None, settings: dict, ba
         ordered = [entries[f.key] for f in frags]
         shards.write_manifest(outdir, ordered, settings, provenance, summary)
         if merge_to:
-            shards.merge(outdir, ordered, merge_to, overwrite=overwrite)
+            from guardalign.pipeline.merge import merge
+
+            merge(outdir, ordered, merge_to, overwrite=overwrite)
     finally:
         outdir.release()
     summary.apply_gates(gates)

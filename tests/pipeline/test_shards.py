@@ -10,7 +10,8 @@ from guardalign.io.sinks import read_records
 from guardalign.pipeline.fragments import Fragment
 from guardalign.pipeline.ray_engine import engine_config
 from guardalign.pipeline.runner import Gates, RunSummary
-from guardalign.pipeline.shards import SUMMARY_FIELDS, OutDir, ShardWriter, add_counts, encode, merge, prepare
+from guardalign.pipeline.merge import merge
+from guardalign.pipeline.shards import SUMMARY_FIELDS, OutDir, ShardWriter, add_counts, encode, prepare
 
 SETTINGS = {"tau": None, "model": "m"}
 
