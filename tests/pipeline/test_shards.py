@@ -100,3 +100,16 @@ def test_engine_flags():
         engine_config("ray", ray_address=None, concurrency=0, gpus_per_worker=None)
     cfg = engine_config("ray", ray_address="auto", concurrency=3, gpus_per_worker=0.5)
     assert (cfg.address, cfg.concurrency, cfg.gpus_per_worker) == ("auto", 3, 0.5)
+
+
+def test_cli_refuses_ray_flags_without_the_ray_engine(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "in").mkdir()
+    res = CliRunner().invoke(app, ["scan", str(tmp_path / "in"), "--concurrency", "2", "--out", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2 and "--concurrency only apply with --engine ray" in res.output
+    res = CliRunner().invoke(app, ["mask", str(tmp_path / "in"), "--out-dir", str(tmp_path / "o"), "--engine", "spark"])
+    assert res.exit_code == 2 and "invalid --engine 'spark'" in res.output
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o").exists()
