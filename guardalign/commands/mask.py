@@ -119,9 +119,12 @@ def mask(
     if ray_cfg is not None:
         from guardalign.pipeline import ray_mask
 
-        mean, detector = tuple(detector.encoder.mean), None  # the driver's copy is let go before the run
+        from guardalign.pipeline.ray_engine import actor_options
+
+        options, mean = actor_options(options, detector, device), tuple(detector.encoder.mean)
+        detector = None  # the driver's copy is let go before the run
         summary = ray_mask.mask(
-            list(inputs), root=root, settings=settings, options={**options, "device": device}, index=index,
+            list(inputs), root=root, settings=settings, options=options, index=index,
             batch_size=batch_size, stage_kwargs=dict(fill=fill, dilate=dilate, overlay=overlay, only_unsafe=only_unsafe,
                                                      overwrite=overwrite, mean=mean),
             cfg=ray_cfg, force=force, image_column=image_column, id_column=id_column, progress=progress)

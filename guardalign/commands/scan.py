@@ -78,9 +78,13 @@ def scan(
                               "not a loaded detector")
         options = dict(clip_model=clip_model, pretrained=pretrained, anchors=anchors, precision=precision,
                        **_config_kwargs(cfg))
-        settings = _validation_detector(options).settings()  # loaded on CPU, checked and let go before the run
+        from guardalign.pipeline.ray_engine import actor_options
+
+        checked = _validation_detector(options)  # loaded on CPU, checked and let go before the run
+        settings, options = checked.settings(), actor_options(options, checked, device)
+        del checked
         summary = ray_scan.scan(
-            list(inputs), out=out, fmt=format, settings=settings, batch_size=batch_size, options={**options, "device": device},
+            list(inputs), out=out, fmt=format, settings=settings, batch_size=batch_size, options=options,
             cfg=ray_cfg, resume=resume, overwrite=overwrite, merge_to=merge, gates=gates, image_column=image_column,
             id_column=id_column, progress=progress)
         if progress:

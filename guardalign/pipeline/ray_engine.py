@@ -23,8 +23,7 @@ from typing import Any, Iterator
 from guardalign.errors import ConfigError
 from guardalign.pipeline.fragments import FRAGMENT_ROWS, Fragment
 
-COLUMNS = ("frag", "pos", "end", "id", "source", "error", "derror", "meta", "pixels", "width", "height", "info",
-           "data")
+COLUMNS = ("frag", "pos", "end", "id", "source", "error", "derror", "meta", "pixels", "width", "height", "info")
 
 
 READ_TASK_MEMORY = 256 << 20  # bytes reserved per read/decode task
@@ -99,7 +98,7 @@ def ray_session(cfg: RayConfig) -> Iterator[Any]:
 # ----------------------------------------------------------------------------- worker side: read + decode
 
 
-def read_decode(batch, *, image_column: str | None, id_column: str | None, block_rows: int, keep_data: bool):
+def read_decode(batch, *, image_column: str | None, id_column: str | None, block_rows: int):
     """CPU task: the fragments in ``batch`` → blocks of decoded items, each fragment ending with a sentinel row."""
     import pyarrow as pa
 
@@ -113,7 +112,7 @@ def read_decode(batch, *, image_column: str | None, id_column: str | None, block
                        lambda n=1: None)
         rows, pos = [], 0
         for d in decode_stream(todo, workers=1, prefetch=2 * block_rows):
-            rows.append(_decoded_row(idx, pos, d, keep_data))
+            rows.append(_decoded_row(idx, pos, d))
             pos += 1
             if len(rows) >= block_rows:
                 yield pa.Table.from_pylist(rows, schema=_schema())
@@ -126,18 +125,17 @@ def _schema():
     import pyarrow as pa
 
     s, b, i = pa.string(), pa.binary(), pa.int64()
-    types = {"frag": i, "pos": i, "end": i, "width": i, "height": i, "pixels": b, "data": b}
+    types = {"frag": i, "pos": i, "end": i, "width": i, "height": i, "pixels": b}
     return pa.schema([(c, types.get(c, s)) for c in COLUMNS])
 
 
-def _decoded_row(idx: int, pos: int, d, keep_data: bool) -> dict:
+def _decoded_row(idx: int, pos: int, d) -> dict:
+    """A decoded item as a block row: its identity, errors, meta (JSON), RGB pixels and DecodeInfo (JSON)."""
     item = d.item
     row = {"frag": idx, "pos": pos, "end": -1, "id": item.id, "source": item.source, "error": item.error,
            "derror": d.error, "meta": json.dumps(item.meta, default=str)}
     if d.image is not None:
         row.update(pixels=d.image.tobytes(), width=d.image.width, height=d.image.height, info=json.dumps(asdict(d.info)))
-    if keep_data:
-        row["data"] = item.data
     return row
 
 
@@ -150,7 +148,7 @@ def decoded_from_rows(rows: list[dict]) -> list:
 
     out = []
     for r in rows:
-        item = Item(r["id"], r["source"], data=r.get("data"), error=r["error"], meta=json.loads(r["meta"] or "{}"))
+        item = Item(r["id"], r["source"], error=r["error"], meta=json.loads(r["meta"] or "{}"))
         image = info = None
         if r.get("pixels") is not None:
             image = Image.frombytes("RGB", (r["width"], r["height"]), r["pixels"])
@@ -219,7 +217,7 @@ def gpus(ray, cfg: RayConfig) -> float:
 
 
 def pipeline(ray, todo: list[Fragment], actor: type, actor_kwargs: dict, cfg: RayConfig, *, batch_size: int,
-             image_column: str | None, id_column: str | None, keep_data: bool = False):
+             image_column: str | None, id_column: str | None):
     """The Ray Data pipeline over ``todo``: read/decode tasks, then ``actor`` in a pool of ``cfg.concurrency``."""
     rows = [{"frag": i, "fragment": json.dumps(f.to_dict())} for i, f in enumerate(todo)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
@@ -228,7 +226,7 @@ def pipeline(ray, todo: list[Fragment], actor: type, actor_kwargs: dict, cfg: Ra
     # decoding into the model actors: decoding stays on CPU tasks.
     ds = ds.map_batches(read_decode, batch_size=1, batch_format="pyarrow", num_cpus=1, memory=READ_TASK_MEMORY,
                         fn_kwargs={"image_column": image_column, "id_column": id_column,
-                                   "block_rows": cfg.block_rows, "keep_data": keep_data})
+                                   "block_rows": cfg.block_rows})
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None
     return ds.map_batches(actor, batch_size=batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_cpus=1,
@@ -260,3 +258,14 @@ def engine_config(engine: str, *, ray_address: str | None, concurrency: int | No
         return None
     return RayConfig(address=ray_address, concurrency=1 if concurrency is None else concurrency,
                      gpus_per_worker=gpus_per_worker).validate()
+
+
+def actor_options(options: dict, detector, device: str) -> dict:
+    """The options every actor builds its Detector from: the driver's loaded anchor set itself (so workers need no
+    anchors file), local model paths made absolute (a worker does not run in the driver's folder), ``device``."""
+    out = {**options, "anchors": detector.anchors, "device": device}
+    for key in ("clip_model", "pretrained"):
+        value = out.get(key)
+        if isinstance(value, str) and os.path.exists(value):
+            out[key] = os.path.abspath(value)
+    return out
