@@ -147,11 +147,21 @@ def _spill_summary() -> str:
 
 
 def _child(kind: str, *args) -> dict:
+    """Run one measurement in a fresh process. With $BENCH_RAY_CACHE set to a folder, each result is kept there and
+    reused by the next run (a long bench survives an interruption: another job stopping Ray, say)."""
+    cache = os.environ.get("BENCH_RAY_CACHE")
+    keep = Path(cache) / f"{kind}-{'-'.join(map(str, args))}.json" if cache else None
+    if keep is not None and keep.is_file():
+        return json.loads(keep.read_text())
     res = subprocess.run([sys.executable, "-m", "bench.bench_ray", kind, *map(str, args)], capture_output=True,
                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode:
         raise RuntimeError(f"bench child {kind} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(json.dumps(result))
+    return result
 
 
 def run(quick: bool = False) -> dict:
