@@ -128,7 +128,9 @@ def _processes(word: str) -> list[tuple[int, str]]:
 
 
 def test_a_killed_worker_still_gives_every_id_exactly_once(ray_cluster, flags, tmp_path):
-    shards = [good_shard(tmp_path / "in" / f"s{k}.tar", n=6, start=10 * k, sidecars=False) for k in range(6)]
+    # enough work after the first fragment for the kill to land mid-run even on a fast machine: 8 shards of 12
+    # images, 26 windows each (--stride 0.5)
+    shards = [good_shard(tmp_path / "in" / f"s{k}.tar", n=12, start=20 * k, sidecars=False) for k in range(8)]
     inputs = [str(p) for p in shards]
     out = tmp_path / "out"
     killed: list[tuple[str, int]] = []  # (process title, fragments finished when it was killed)
@@ -148,6 +150,7 @@ def test_a_killed_worker_still_gives_every_id_exactly_once(ray_cluster, flags, t
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
+    flags = {**flags, "stride": 0.5}
     s = scan(inputs, out=str(out), engine="ray", format="jsonl", merge=str(tmp_path / "all.jsonl"), **flags)
     thread.join(timeout=5)
     assert killed and killed[0][1] < len(shards), f"no worker was killed mid-run: {killed}"
@@ -155,8 +158,8 @@ def test_a_killed_worker_still_gives_every_id_exactly_once(ray_cluster, flags, t
     assert any("DetectActor" in cmd and "read_decode" not in cmd for cmd, _ in killed), killed
     ids = [r["id"] for r in read_records(tmp_path / "all.jsonl")]
     want = [i.id for i in iter_items(inputs)]
-    assert ids == want and len(set(ids)) == len(ids) == 36  # every id once, in input order
-    assert (s.total, s.errors, s.exit_code) == (36, 0, 0)
+    assert ids == want and len(set(ids)) == len(ids) == 96  # every id once, in input order
+    assert (s.total, s.errors, s.exit_code) == (96, 0, 0)
     local = scan(inputs, out=str(tmp_path / "local.jsonl"), **flags)  # and JSONL shards match a local run too
     assert plain(read_records(tmp_path / "all.jsonl")) == plain(read_records(tmp_path / "local.jsonl"))
-    assert local.total == 36
+    assert local.total == 96
