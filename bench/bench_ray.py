@@ -164,6 +164,65 @@ def _child(kind: str, *args) -> dict:
     return result
 
 
+def per_image_costs() -> list[list]:
+    """The costs the README's scaling estimate is built from: decode (a CPU task), the model's resizes (inside
+    an actor), and placing a record (the driver), per image or record, on this machine."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from guardalign.io.images import decode_image
+    from guardalign.models.clip import load_encoder
+    from guardalign.models.patches import grid_boxes
+    from guardalign.pipeline.fragments import Fragment
+    from guardalign.pipeline.shards import SUMMARY_FIELDS, OutDir, ShardWriter, encode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc = load_encoder("ViT-B-32", "none", device="cpu")
+    rng = np.random.default_rng(0)
+    out = []
+
+    def per(fn, n=40) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n * 1000
+
+    for w, h in ((224, 224), (512, 384)):
+        im = Image.fromarray(rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        boxes = [tuple(int(v) for v in b) for b in grid_boxes(w, h, 3)]
+        out.append([f"{w}×{h} JPEG ({len(data) >> 10} KiB)", f"{per(lambda: decode_image(data=data)):.2f}",
+                    f"{per(lambda: enc._resize(im)):.2f}",
+                    f"{per(lambda: [enc._resize(im)] + [enc._resize(im, box=b) for b in boxes]):.2f}"])
+    rec = {"id": "x#1", "source": "x", "status": "ok", "error": None, "verdict": "safe", "score": 1.17,
+           "category": "a", "categories": {f"c{i}": 1.2 for i in range(8)}, "unsafe_patches": [], "grid": [7, 7],
+           "boxes": [], "patch_scores": [1.2] * 49, "patch_boxes": [[0, 0, 32, 32]] * 49, "width": 224, "height": 224}
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        outdir = OutDir(str(Path(tmp) / "out"))
+        outdir.claim()
+        for fmt in ("jsonl", "parquet"):
+            n, payload = 20_000, encode(rec, {"s": 1}, fmt)
+            fields = {k: rec.get(k) for k in SUMMARY_FIELDS}
+            w = ShardWriter(outdir, Fragment(fmt, "files", stamp="s"), fmt, {"s": 1})
+            t = time.perf_counter()
+            for i in range(n):
+                w.add(i, fields, payload)
+            w.set_end(n)
+            w.finish()
+            rates[fmt] = n / (time.perf_counter() - t)
+        outdir.release()
+    out.append(["driver: place + count a dense record", f"JSONL shards {rates['jsonl']:,.0f}/s",
+                f"Parquet shards {rates['parquet']:,.0f}/s", ""])
+    return out
+
+
 def run(quick: bool = False) -> dict:
     rows, batch = (200, 16) if quick else (2000, 32)
     tp = _child("throughput", rows, batch)
@@ -185,11 +244,17 @@ def run(quick: bool = False) -> dict:
                       "; ".join(f"{cmd.split('(')[0].replace('ray::', '')} {mib:.0f}" for cmd, mib in top),
                       f"{sum(mib for _, mib in m['workers']):.0f}", m["spill"]])
     (s_n, s_m), (b_n, b_m) = sorted(mem.items())
+    costs = per_image_costs()
+    vit, tiny = tp["ViT-B-32 (random)"], tp["tiny CLIP"]
+
+    def after(r):  # (local, Ray) img/s after startup, as in the table
+        return (rows / (r["local"]["wall"] - r["local"]["startup"]),
+                (rows - batch) / (r["ray"]["wall"] - r["ray"]["startup"]))
     md = "\n".join([
         "## Ray engine (issue 15)",
         "",
-        f"{machine()}; load average {os.getloadavg()[0]:.1f} when the bench ended (other jobs share these cores). "
-        f"One local Ray cluster on this machine (`ray.init(num_cpus={os.cpu_count()})`, started before "
+        f"{machine()}. Other jobs share these two cores, so absolute rates vary from run to run; each ratio is "
+        "measured side by side in one process. One local Ray cluster on this machine (`ray.init(num_cpus={os.cpu_count()})`, started before "
         "the clock); one model actor (`--concurrency 1`) with as many torch threads as a local run.",
         "",
         f"Throughput: the same {rows:,}-row HF-style Parquet (224×224 JPEGs), `--patches dense`, batch {batch}, "
@@ -212,6 +277,22 @@ def run(quick: bool = False) -> dict:
         "",
         f"Driver peak {b_n:,} ÷ {s_n:,} rows: **{b_m['driver_mib'] / s_m['driver_mib']:.3f}**; largest worker: "
         f"**{b_m['workers'][0][1] / s_m['workers'][0][1]:.3f}**.",
+        "",
+        "Per-image costs behind the README's scaling estimate (one core; ms per image unless a rate is given):",
+        "",
+        table(["input", "decode (CPU task)", "resize, dense: 1 view (actor)", "resizes, grid 3×3: 10 views (actor)"],
+              costs),
+        "",
+        f"Reading: ViT-B-32 end to end is **{vit['local']['wall'] / vit['ray']['wall']:.3f}** (target 0.85); the "
+        f"difference is the one-off startup ({vit['ray']['startup']:.1f} s against {vit['local']['startup']:.1f} s: "
+        "the driver's own model load, which checks the options and gives the settings, then the actor's process "
+        "start and model load, all on the same two cores). After startup the Ray run scans at "
+        f"{after(vit)[1] / after(vit)[0]:.3f} of the local rate. The tiny CLIP scans {rows:,} rows in "
+        f"{tiny['local']['wall']:.0f} s locally, so Ray's fixed startup dominates its end-to-end ratio; after startup "
+        f"it runs at {after(tiny)[1] / after(tiny)[0]:.2f}× the local rate (decoding runs in its own process rather "
+        "than in threads sharing the GIL with the model). Memory stays flat from "
+        f"{s_n:,} to {b_n:,} rows and the raylet reports no spilling; the model actor's and the decode worker's "
+        "peaks include the object-store pages they touched.",
     ])
     write_section("ray", md)
     print(md)
