@@ -9,6 +9,7 @@ import typer
 
 from cli import answer as _answer
 from cli import calibrate as _calibrate
+from cli import eval as _eval
 from cli import mask as _mask
 from cli import report as _report
 from cli import scan as _scan
@@ -22,6 +23,7 @@ app = typer.Typer(
         "  guardalign mask data/ --from-scan scan.jsonl --out-dir purified/\n\n"
         "  guardalign answer prompts.jsonl --model llava-hf/llava-1.5-7b-hf --out answers.jsonl\n\n"
         "  guardalign report scan.jsonl answers.jsonl -o report.html\n\n"
+        "  guardalign eval figstep:data/FigStep --model llava-hf/llava-1.5-7b-hf --out eval/\n\n"
         "Exit codes: 0 done (gates passed) · 1 a gate failed · 2 usage, config or model error "
         "(nothing written) · 3 finished, but some inputs could not be read."
     ),
@@ -53,6 +55,7 @@ app.command("mask", no_args_is_help=True)(_mask.mask_command)
 app.command("answer", no_args_is_help=True)(_answer.answer_command)
 app.command("report", no_args_is_help=True)(_report.report_command)
 app.command("calibrate", no_args_is_help=True)(_calibrate.calibrate_command)
+app.command("eval", no_args_is_help=True)(_eval.eval_command)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper for ``python -m cli.main``

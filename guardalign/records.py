@@ -1,7 +1,7 @@
 """What flows through the pipeline and what it writes, defined once.
 
 - :class:`Item` (a source's unit of work) and :class:`Decoded` (an item with its pixels);
-- the record schemas: :data:`SCAN_RECORD` (``scan``), :data:`ANSWER_RECORD` (``answer``) and
+- the record schemas: :data:`SCAN_RECORD` (``scan``), :data:`ANSWER_RECORD` (``answer``), :data:`EVAL_RECORD` (``eval``) and
   :data:`MASK_ENTRY` (``mask``'s ``manifest.jsonl``), each a tuple of :class:`Field` with its type and meaning.
 
 The Parquet schema of scan records (:func:`arrow_schema`), the fields ``mask --from-scan`` keeps, the report's
@@ -88,6 +88,30 @@ ANSWER_RECORD: tuple[Field, ...] = (
     Field("settings", "json", "every setting that shaped the answer; `--resume` refuses a run whose settings differ"),
 )
 
+EVAL_RECORD: tuple[Field, ...] = (
+    Field("id", "string", "`<item id>@<defence>`: one record per benchmark item and defence"),
+    Field("item_id", "string", "the benchmark item: `<benchmark label>/<the benchmark's own id>`"),
+    Field("benchmark", "string", "the benchmark label (figstep, mmsafety, ..., or the spec's label=)"),
+    Field("defence", "string", "vanilla, prefix, eta-detect, ot, calibration or guardalign"),
+    Field("source", "string", "where the item came from: `<annotation file>#<row or key>`"),
+    Field("category", "string", "the benchmark's category of the item (scenario, policy, class1, ...)"),
+    Field("prompt", "string", "the text asked with the image"),
+    Field("reference", "json", "the benchmark's own fields for the item (original question, key phrase, subset, ...)"),
+    Field("status", "string", "`ok`, or `error` (bad row, unreadable image, model failure)"),
+    Field("error", "string", "the cause of an error record, naming the file and row"),
+    Field("image_sha256", "string", "SHA-256 of the image bytes as stored (before purification)"),
+    Field("detection", "json", "{ot: {verdict, score, category, boxes, masked_boxes}, precheck: {verdict, score, "
+                               "category, threshold}} for the defences that detect; null otherwise"),
+    Field("applied", "json", "what this defence did to this item: {purified, prefix, calibrated}"),
+    Field("response", "string", "the model's answer"),
+    Field("refused", "bool", "the anchors' refusal phrases matched (as `answer`'s `refused`)"),
+    Field("judges", "json", "{judge label: {model, unsafe, raw, categories, score?, details?, target?}}"),
+    Field("reused_from", "string", "the defence whose identical generation (same image, prefix, calibration) this reuses"),
+    Field("generation", "json", "{max_new_tokens, new_tokens, finish}"),
+    Field("utility", "json", "utility items only: {answers, exact_match}"),
+    Field("settings", "json", "every setting that shaped the answer; `--resume` refuses a run whose settings differ"),
+)
+
 MASK_ENTRY: tuple[Field, ...] = (
     Field("id", "string", "the item's id (as in the scan records)"),
     Field("source", "string", "where the original came from"),
@@ -115,7 +139,7 @@ MASK_NEEDS = ("status", "error", "verdict", "category", "boxes", "box_categories
               "anchors_sha256")
 # Fields that tell which detector produced a scan record (shown per run in reports).
 PROVENANCE = ("method", "patches", "model", "anchors_sha256")
-RECORD_KINDS = {"scan": SCAN_RECORD, "answer": ANSWER_RECORD, "mask manifest": MASK_ENTRY}
+RECORD_KINDS = {"scan": SCAN_RECORD, "answer": ANSWER_RECORD, "eval": EVAL_RECORD, "mask manifest": MASK_ENTRY}
 
 
 def names(fields: tuple[Field, ...]) -> tuple[str, ...]:
@@ -141,7 +165,7 @@ def render_reference() -> str:
     lines = ["# Records reference", "",
              "Generated from `guardalign/records.py` by `python -m guardalign.records` (a test fails when it is",
              "stale). JSONL lines are strict JSON; in Parquet, `json` fields are JSON text columns.", ""]
-    titles = {"scan": "`scan` records", "answer": "`answer` records",
+    titles = {"scan": "`scan` records", "answer": "`answer` records", "eval": "`eval` records (records.jsonl in --out)",
               "mask manifest": "`mask` manifest (`manifest.jsonl` in --out-dir)"}
     for kind, fields in RECORD_KINDS.items():
         lines += [f"## {titles[kind]}", "", "| field | type | meaning |", "|---|---|---|"]
