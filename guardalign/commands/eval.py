@@ -175,7 +175,7 @@ def _utility(stream: Iterator, limit: int | None) -> Iterator:
 
 def write_summary(root: Path, *, defences: Sequence[str] = (), reps: int = 1000, seed: int = 0):
     """Rebuild the summary from every record in ``root/records.jsonl``; write summary.{json,md,html} atomically."""
-    from guardalign.commands.mask_job import atomic_write
+    from guardalign.pipeline.mask_out import atomic_write
     from guardalign.io.sinks import read_records
     from guardalign.reporting.evaltable import EvalTable, dumps
 

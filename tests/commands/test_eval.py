@@ -177,6 +177,12 @@ def test_flags_are_checked_before_any_model_loads(world, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_library_entry_point():
+    import guardalign
+
+    assert guardalign.evaluate is evaluate and "evaluate" in dir(guardalign)
+
+
 def test_parse_defences_and_exact_match():
     assert parse_defences("guardalign, vanilla") == ["guardalign", "vanilla"]
     with pytest.raises(ConfigError, match="given twice"):
@@ -210,9 +216,21 @@ def test_utility_set_exact_match(world, lv, unsafe_detector, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end(world, tiny_clip_config, tiny_clip_checkpoint, tmp_path):
+def test_cli_end_to_end(world, tiny_clip_config, tiny_clip_checkpoint, tmp_path, monkeypatch):
+    import guardalign.models.lvlm as lvlm
     from cli.main import app
+    from guardalign.detection.detector import Detector
 
+    loads = Counter()
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            loads[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(lvlm, "load_lvlm", counting("lvlm", lvlm.load_lvlm))
+    monkeypatch.setattr(Detector, "from_options", staticmethod(counting("clip", Detector.from_options)))
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, [
         "eval", f"figstep:{world['figstep']}", "--model", str(world["llava"]), "--defences", "vanilla,guardalign",
@@ -221,4 +239,5 @@ def test_cli_end_to_end(world, tiny_clip_config, tiny_clip_checkpoint, tmp_path)
     assert res.exit_code == 0, res.output  # --limit 2: the two good rows come first
     assert res.stdout == ""
     assert len(records(out)) == 4 and (out / "summary.md").exists()
+    assert loads == {"lvlm": 1, "clip": 1}  # one load of each model for the whole matrix
     assert write_summary(out, reps=50).records == 4
