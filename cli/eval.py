@@ -21,7 +21,7 @@ Examples:
 
   guardalign eval figstep:data/FigStep mmsafety:data/MM-SafetyBench --model llava-hf/llava-1.5-7b-hf --defences vanilla,guardalign --judge refusal --out eval/
 
-  guardalign eval spavl:data/SPA-VL/test hades:data/HADES --model ./llava --judge refusal --judge md-judge:./MD-Judge-v0.1 --limit 200 --out eval-small/
+  guardalign eval spavl:data/SPA-VL/test hades:data/HADES --model ./llava --judge refusal --judge llama-guard:meta-llama/Llama-Guard-3-8B --limit 200 --out eval-small/
 
   guardalign eval mmsafety,images=SD,question=official:data/MM-SafetyBench --model ./llava --utility vqa.jsonl --out eval/ --resume
 

@@ -96,9 +96,13 @@ def _independent_greedy(tokenizer, model, text: str, max_new_tokens: int, bos: b
 
 
 def test_md_judge_tiny_model_through_real_loading(tiny_causal):
+    from transformers.utils import logging as hf_logging
+
     from judge_fixtures import CHATML_TEMPLATE
 
+    assert hf_logging.is_progress_bar_enabled()
     judge = load_judge(parse_judge_spec(f"md-judge:{tiny_causal}"), device="cpu")
+    assert hf_logging.is_progress_bar_enabled()  # switched off for the load only: no process-wide state left
     assert isinstance(judge, MDJudge) and judge.max_new_tokens == 256
     judge.tokenizer.chat_template = CHATML_TEMPLATE  # MD-Judge v0.2's ChatML turn format
     judge.max_new_tokens = 8

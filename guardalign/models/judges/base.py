@@ -7,7 +7,8 @@ verdict they cannot read is ``unsafe=None`` with the raw text kept.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from guardalign.errors import ModelLoadError
 from guardalign.models.judge import Judgement  # noqa: F401 (re-exported for the judge modules)
@@ -18,12 +19,23 @@ REMOTE_CODE_HINT = (
 )
 
 
-def device_dtype(device: str, dtype: str):
+@contextmanager
+def quiet_bars() -> Iterator[None]:
+    """transformers' download/loading bars off for the block, the caller's setting restored after (as load_lvlm)."""
     from transformers.utils import logging as hf_logging
 
+    were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr belongs to guardalign's own progress bar and summary
+    try:
+        yield
+    finally:
+        if were_on:
+            hf_logging.enable_progress_bar()
+
+
+def device_dtype(device: str, dtype: str):
     from guardalign.models.lvlm import resolve_device, resolve_dtype
 
-    hf_logging.disable_progress_bar()  # stderr belongs to guardalign's progress and summary (as load_lvlm)
     dev = resolve_device(device)
     return dev, resolve_dtype(dtype, dev)
 
@@ -52,8 +64,9 @@ def load_causal_lm(model: str, *, device: str = "auto", dtype: str = "auto", tru
     dev, torch_dtype = device_dtype(device, dtype)
     load_config(model, trust_remote_code)
     kw = {"trust_remote_code": True} if trust_remote_code else {}
-    tok = _from_pretrained(AutoTokenizer.from_pretrained, model, **kw)
-    net = _from_pretrained(AutoModelForCausalLM.from_pretrained, model, dtype=torch_dtype, **kw)
+    with quiet_bars():
+        tok = _from_pretrained(AutoTokenizer.from_pretrained, model, **kw)
+        net = _from_pretrained(AutoModelForCausalLM.from_pretrained, model, dtype=torch_dtype, **kw)
     return net.to(dev).eval(), tok
 
 
@@ -66,11 +79,12 @@ def load_image_text(model: str, *, device: str = "auto", dtype: str = "auto"):
     dev, torch_dtype = device_dtype(device, dtype)
     config = load_config(model, False)
     try:
-        net = _from_pretrained(AutoModelForImageTextToText.from_pretrained, model, dtype=torch_dtype)
+        with quiet_bars():
+            net = _from_pretrained(AutoModelForImageTextToText.from_pretrained, model, dtype=torch_dtype)
+            proc = _from_pretrained(AutoProcessor.from_pretrained, model)
     except ModelLoadError as e:
         raise ModelLoadError(f"{model!r} ({getattr(config, 'model_type', '?')}) is not an image-text-to-text model "
                              f"transformers can load: {e}") from None
-    proc = _from_pretrained(AutoProcessor.from_pretrained, model)
     return net.to(dev).eval(), proc
 
 

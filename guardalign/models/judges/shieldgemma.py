@@ -16,7 +16,7 @@ from typing import Any
 
 from guardalign.errors import ModelLoadError
 from guardalign.models.judge import Judgement
-from guardalign.models.judges.base import device_dtype, load_config
+from guardalign.models.judges.base import device_dtype, load_config, quiet_bars
 
 THRESHOLD = 0.5  # P(Yes) at or above which a policy counts as violated
 _INSTRUCTION = (
@@ -66,8 +66,9 @@ class ShieldGemma2Judge:
             raise ModelLoadError(f"{model!r} is not a ShieldGemma 2 checkpoint (model_type "
                                  f"{getattr(config, 'model_type', '?')!r}, expected 'shieldgemma2')")
         dev, torch_dtype = device_dtype(device, dtype)
-        net = _from_pretrained(ShieldGemma2ForImageClassification.from_pretrained, model, dtype=torch_dtype)
-        proc = _from_pretrained(AutoProcessor.from_pretrained, model)
+        with quiet_bars():
+            net = _from_pretrained(ShieldGemma2ForImageClassification.from_pretrained, model, dtype=torch_dtype)
+            proc = _from_pretrained(AutoProcessor.from_pretrained, model)
         if not getattr(proc, "chat_template", None):
             proc.chat_template = CHAT_TEMPLATE
         return cls(net.to(dev).eval(), proc, model)
