@@ -153,6 +153,8 @@ class EvalStage:
             self._answer(rec, state, DEFENCES[defence], defence)
         except (InputError, ConfigError) as e:
             rec["error"] = f"{item.source}: {e}"
+        except Exception as e:  # a model failure on one item must not lose the others' records
+            rec["error"] = f"{item.source}: {type(e).__name__}: {e}"
         return rec
 
     def _image(self, item: Item) -> _ImageState:

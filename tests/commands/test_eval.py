@@ -158,6 +158,29 @@ def test_resume_after_a_crash_and_settings_check(world, lv, unsafe_detector, tmp
         run(world, lv, unsafe_detector, out, benchmarks=bench, defences="vanilla", resume=True, max_new_tokens=5)
 
 
+@pytest.mark.slow
+def test_a_failing_generation_costs_only_its_record(world, lv, unsafe_detector, tmp_path, monkeypatch):
+    import guardalign.models.lvlm as lvlm
+
+    real = lvlm.generate
+
+    def fails_when_calibrated(model, prepared, spec, **kw):
+        if spec.mode != "off":
+            raise RuntimeError("boom")
+        return real(model, prepared, spec, **kw)
+
+    monkeypatch.setattr(lvlm, "generate", fails_when_calibrated)
+    out = tmp_path / "ev"
+    summary = run(world, lv, unsafe_detector, out, benchmarks=[f"figstep:{world['figstep']}"],
+                  defences="vanilla,calibration", limit=2)
+    recs = {r["id"]: r for r in records(out)}
+    assert summary.exit_code == 3 and len(recs) == 4
+    failed = recs["figstep/ForbidQI_1_1@calibration"]
+    assert failed["status"] == "error" and "RuntimeError: boom" in failed["error"]
+    assert failed["benchmark"] == "figstep" and failed["defence"] == "calibration"
+    assert recs["figstep/ForbidQI_1_1@vanilla"]["status"] == "ok"
+
+
 def test_flags_are_checked_before_any_model_loads(world, tmp_path, monkeypatch):
     import guardalign.models.lvlm as lvlm
 
