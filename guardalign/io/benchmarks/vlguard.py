@@ -80,8 +80,8 @@ def _one(rec: dict, index: int, subset: str, meta: Path, images: Path, label: st
     native, safe = f"{subset}/{rid}", rec["safe"]
     key = _KEY[subset]
     pairs = rec.get("instr-resp")
-    prompt = next((p.get(key) for p in pairs if isinstance(p, dict) and key in p), None) if isinstance(pairs, list) else None
-    response = next((p.get("response") for p in pairs if isinstance(p, dict) and key in p), None) if isinstance(pairs, list) else None
+    pair = next((p for p in pairs if isinstance(p, dict) and key in p), {}) if isinstance(pairs, list) else {}
+    prompt, response = pair.get(key), pair.get("response")
     category = rec.get("harmful_category") if subset == "unsafes" else subset
     category = category if isinstance(category, str) and category else "(none)"
     reference = {"subset": subset, "safe": safe, "harmful_subcategory": rec.get("harmful_subcategory"),
