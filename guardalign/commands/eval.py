@@ -106,6 +106,7 @@ def evaluate(
     stage = EvalStage(lvlm, spec, prefix=anchor_set.prefix if prefix is None else prefix, prefix_at=prefix_at,
                       max_new_tokens=max_new_tokens, detector=ot, precheck=pre, judges=judges,
                       matcher=RefusalMatcher(anchor_set.refusal_phrases), anchors_sha256=anchor_set.sha256)
+    stage.batch_size = len(names)  # one image's defences per batch: one durable write (fsync) per image
     items = itertools.chain(_limited(streams, limit), _utility(util_stream, limit))
     sink = open_sink(str(root / RECORDS), "jsonl", resume=resume)
     previous = read_records(root / RECORDS) if resume and sink.existing else ()
