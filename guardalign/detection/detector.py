@@ -112,7 +112,8 @@ class Detector:
         cfg = asdict(self.config)
         cfg.pop("batch_size")
         cfg["scales"] = list(cfg["scales"])
-        return {**self.provenance, **cfg}
+        # the encoder's mean colour: ``mask --from-scan`` fills with it (Eq. 11) without loading the model again
+        return {**self.provenance, **cfg, "image_mean": [round(float(m), 6) for m in self.encoder.mean]}
 
     def with_config(self, **changes: Any) -> "Detector":
         """A detector sharing this one's encoder and text embeddings, with some DetectConfig fields changed."""
