@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from guardalign.config import DetectConfig, EncoderConfig
-from guardalign.detection.anchors_edit import tuned_yaml, write_tuned_anchors  # noqa: F401 (re-exported)
+from guardalign.commands.anchors_out import write_tuned_anchors  # noqa: F401 (re-exported)
+from guardalign.detection.anchors_edit import tuned_yaml  # noqa: F401 (re-exported)
 from guardalign.errors import ConfigError, InputError
 
 MAX_SHOWN_ISSUES = 20
@@ -144,7 +145,7 @@ def calibrate(
     if out_path is not None:
         taus = {c.name: c.tau for c in result.per_category if c.point is not None} if per_category else {}
         write_tuned_anchors(anchors_path, out_path, result.chosen.threshold, taus, overwrite=overwrite,
-                            reset_overrides=not per_category)
+                            reset_overrides=not per_category, inputs=(labelled, from_scan))
         result.out = str(out_path)
     if progress:
         print_report(result)

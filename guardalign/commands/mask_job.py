@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from guardalign.io.durable import TMP_SUFFIX, atomic_write, finish_temp, remove_stale_temps, temp_path  # noqa: F401
+
 MANIFEST = "manifest.jsonl"
-TMP_SUFFIX = ".guardalign-tmp"  # temp files are ".<name>.<pid>.guardalign-tmp"; stale ones are removed on start
 DONE = ("purified", "copied", "skipped")  # manifest statuses of a finished item
 
 
@@ -92,27 +93,8 @@ def _cell_rel(item, parquet_dir: Path) -> str:
         return item.path.as_posix()
 
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temp file in the same folder and ``os.replace``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _remove_stale_tmp(root: Path) -> None:
-    if root.is_dir():
-        for dirpath, _, files in os.walk(root):
-            for name in files:
-                if name.startswith(".") and name.endswith(TMP_SUFFIX):
-                    Path(dirpath, name).unlink(missing_ok=True)
+    remove_stale_temps(root)
 
 
 # ----------------------------------------------------------------------------- run state
@@ -242,7 +224,7 @@ class _RunState:
             if not self.overwrite or target.is_dir():
                 entry.update(status="exists", error=f"output {rel} already exists; pass --overwrite to replace it")
                 return False
-        atomic_write(target, data)
+        atomic_write(target, data, inside=self.root)
         entry[key], entry["status"] = rel, status
         return True
 
@@ -334,8 +316,7 @@ class _ParquetOut:
         self.failed: str | None = None  # why the output was abandoned
         self.done: list[dict] = []  # manifest entries of rows recorded as written into this output
         self.cells: dict[int, Any] = {}  # processed row → new cell (None: unchanged, WITHHELD: null); absent: not processed
-        self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}{TMP_SUFFIX}")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.target)
         codec = md.row_group(0).column(0).compression.lower() if md.num_row_groups and md.num_columns else "snappy"
         codec = {"uncompressed": "none"}.get(codec, codec)  # keep the input's codec where pyarrow writes it
         codec = codec if codec in ("snappy", "gzip", "zstd", "lz4", "brotli", "none") else "snappy"
@@ -383,7 +364,7 @@ class _ParquetOut:
         self.pf.close()
         if os.path.lexists(self.target) and not self.job.overwrite:
             raise FileExistsError(f"{self.rel} appeared during the run; not overwritten")
-        os.replace(self.tmp, self.target)
+        finish_temp(self.tmp, self.target)
 
     def abort(self) -> None:
         for close in (self.writer.close, self.pf.close):

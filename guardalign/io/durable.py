@@ -360,8 +360,8 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike],
         if g == "-" or not os.path.lexists(g):
             continue
         if _same(out_s, g):
-            raise ConfigError(f"{what} {out_s} is the input {g}; guardalign never writes over its inputs: "
-                              "choose another output path")
+            raise ConfigError(f"{what} {out_s} is one of the inputs ({g}); guardalign never writes over its "
+                              "inputs: choose another output path")
 
 
 def check_out_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, force: bool = False) -> Path:
