@@ -368,13 +368,11 @@ def count_items(
         return None
 
     def rows(path: Path) -> int:
-        if regular_file_error(path) is not None:
-            return 1  # one error record
         try:
-            with open_parquet(path) as pf:
-                return pf.metadata.num_rows  # a zero-row file gives no record
-        except Exception:
+            plan = parquet_plan(path, image_column, id_column)
+        except InputError:
             return 1  # one error record
+        return 1 if plan.error else plan.num_rows  # a zero-row file gives no record
 
     total = 0
     for g in dict.fromkeys(str(x) for x in inputs):
