@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from guardalign.errors import EXIT_OK, EXIT_UNREADABLE
 from guardalign.io.durable import TMP_SUFFIX, atomic_write, finish_temp, remove_stale_temps, temp_path  # noqa: F401
 
 MANIFEST = "manifest.jsonl"
@@ -37,7 +38,7 @@ class MaskSummary:
     @property
     def exit_code(self) -> int:
         """0 done; 3 finished but some items have no output (unreadable, missing from the scan, conflicts)."""
-        return 3 if self.errors or self.conflicts else 0
+        return EXIT_UNREADABLE if self.errors or self.conflicts else EXIT_OK
 
 
 # ----------------------------------------------------------------------------- paths

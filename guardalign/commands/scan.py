@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence, TextIO
 
 from guardalign.config import DetectConfig, EncoderConfig
-from guardalign.errors import ConfigError
-
-EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
+from guardalign.errors import EXIT_GATE, EXIT_NOTHING, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE, ConfigError  # noqa: F401
 FORMATS = ("jsonl", "parquet")
 
 
@@ -31,6 +29,8 @@ class ScanSummary:
     processed: int = 0  # records produced by this run
     gate_failed: bool = False  # --fail-on-unsafe / --max-unsafe-rate tripped
     gate_reason: str = ""  # why the gate failed
+    nothing_scanned: bool = False  # a gate was requested but no image was scanned (exit 4)
+    not_inputs: Any = None  # SkipLog of folder files that are not images (no record), by reason
 
     @property
     def unsafe_rate(self) -> float:
@@ -42,7 +42,9 @@ class ScanSummary:
 
     @property
     def exit_code(self) -> int:
-        """DESIGN §3: a failed gate (1) outranks unreadable inputs (3)."""
+        """DESIGN §3: a gate over nothing (4) and a failed gate (1) outrank unreadable inputs (3)."""
+        if self.nothing_scanned:
+            return EXIT_NOTHING
         if self.gate_failed:
             return EXIT_GATE
         return EXIT_UNREADABLE if self.errors else EXIT_OK
@@ -131,6 +133,7 @@ def scan(
             summary.processed += len(records)
             advance(len(records))
     summary.seconds = time.perf_counter() - start
+    summary.not_inputs = getattr(items, "skipped", None)
     _apply_gates(summary, fail_on_unsafe, max_unsafe_rate)
     if progress:
         print_summary(summary)
@@ -210,7 +213,10 @@ def _notes(info) -> list[str]:
 
 
 def _apply_gates(summary: ScanSummary, fail_on_unsafe: bool, max_unsafe_rate: float | None) -> None:
-    if fail_on_unsafe and summary.unsafe:
+    if (fail_on_unsafe or max_unsafe_rate is not None) and summary.ok == 0:
+        summary.gate_failed = summary.nothing_scanned = True
+        summary.gate_reason = "no image was scanned, so the gate cannot pass (check the inputs and the skipped files)"
+    elif fail_on_unsafe and summary.unsafe:
         summary.gate_failed, summary.gate_reason = True, f"{summary.unsafe} unsafe image(s) and --fail-on-unsafe is set"
     elif max_unsafe_rate is not None and summary.unsafe_rate > max_unsafe_rate:
         summary.gate_failed = True
@@ -235,6 +241,8 @@ def print_summary(summary: ScanSummary) -> None:
     table.add_row("errors", str(summary.errors))
     if summary.skipped:
         table.add_row("skipped (resume)", str(summary.skipped))
+    for reason, n in (summary.not_inputs.by_reason.most_common() if summary.not_inputs else ()):
+        table.add_row(f"skipped · {reason}", str(n))
     table.add_row("throughput", f"{summary.throughput:.1f} img/s over {summary.seconds:.1f} s")
     console.print(table)
     print_errors(console, summary.error_list, see="the records")

@@ -362,7 +362,9 @@ def decode_stream(
     an ``error`` are passed through without decoding. Closing the generator early cancels pending work.
     """
     if workers < 1 or prefetch < 1:
-        raise ValueError(f"workers and prefetch must be ≥ 1 (got {workers}, {prefetch})")
+        from guardalign.errors import ConfigError
+
+        raise ConfigError(f"invalid --workers {workers} (prefetch {prefetch}): expected a positive number of threads")
     it = iter(items)
     pending: deque = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guardalign-decode")

@@ -14,7 +14,7 @@ import pytest
 
 from badinputs import EXPECTED, make_bad_inputs, make_good_images, make_parquet_variants
 from guardalign.io import images as imageio
-from guardalign.errors import InputError
+from guardalign.errors import ConfigError, InputError
 from guardalign.io.sources import READERS, Decoded, Item, count_items, decode_stream, iter_items
 
 
@@ -338,5 +338,5 @@ def test_decode_stream_turns_unexpected_exceptions_into_item_errors(monkeypatch)
     monkeypatch.setattr(imageio, "decode_image", boom)
     (d,) = decode_stream([Item(id="a", source="a", data=b"x")])
     assert isinstance(d, Decoded) and d.image is None and "MemoryError" in d.error
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="expected a positive number"):  # a GuardalignError: exit 2
         next(decode_stream([], prefetch=0))
