@@ -49,13 +49,25 @@ class NothingScannedError(GuardalignError):
     exit_code = EXIT_NOTHING
 
 
-class OutputError(GuardalignError):
+class OutputError(GuardalignError, OSError):
     """An output could not be written: an ``OSError`` on an output file or folder (exit 5).
 
-    The message names the path and the cause; whatever was written before stays consistent and resumable.
+    The message names the path and the cause; whatever was written before stays consistent and resumable. It is
+    an ``OSError`` too (with the cause's ``errno``), so a handler that skips one unwritable item still catches it.
     """
 
     exit_code = EXIT_OUTPUT
+
+    def __init__(self, message: str, code: int | None = None, filename=None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.errno = code
+        if filename is not None:
+            self.filename = filename
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] ..." form
+        return self.message
 
 
 def output_error(path, exc: OSError, what: str = "cannot write") -> OutputError:
@@ -66,7 +78,7 @@ def output_error(path, exc: OSError, what: str = "cannot write") -> OutputError:
              errno.ENAMETOOLONG: "file name too long", errno.EACCES: "permission denied",
              errno.EPERM: "operation not permitted", errno.ELOOP: "is a symlink (not followed for outputs)"}
     cause = hints.get(exc.errno) or exc.strerror or str(exc)
-    return OutputError(f"{what} {_show(path)}: {cause}")
+    return OutputError(f"{what} {_show(path)}: {cause}", exc.errno, path)
 
 
 def _show(path) -> str:

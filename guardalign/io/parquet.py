@@ -7,7 +7,6 @@ pieces it builds on are imported where they are used.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
