@@ -153,13 +153,14 @@ def open_locked(path: str | os.PathLike, *, inside: str | os.PathLike | None = N
     """
     for _ in range(20):
         fd = open_for_output(path, inside=inside, append=append)
+        if not is_regular_fd(fd):  # /dev/null, a pipe: many writers are fine, nothing to lock
+            return fd
         try:
             lock(fd, path)
-            if not special_target(path):
-                st, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
-                    os.close(fd)
-                    continue
+            st, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+                os.close(fd)
+                continue
         except FileNotFoundError:
             os.close(fd)
             continue

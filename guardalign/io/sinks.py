@@ -10,8 +10,13 @@
   ``extra`` column and come back from :func:`read_records`. (The Parquet sink and schema live in
   :mod:`guardalign.io.parquet`; they are importable from here.)
 - An existing non-empty output (or journal) is never overwritten: without ``resume`` it is a
-  ConfigError. Files are created lazily, on the first ``write`` or on ``close``, so a run that stops
-  with exit 2 before any record leaves nothing behind.
+  ConfigError. One writer per output: a JSONL file is locked when it is first written (or ``claim``ed),
+  a Parquet output's journal as soon as the sink opens, so a second run to the same ``--out`` stops at
+  once. A run that stops before any record leaves nothing behind (an empty file or journal it created,
+  and the folders made for it, are removed again).
+- Outputs go through :mod:`guardalign.io.durable`: never through a symlink to a regular file; a device
+  (``/dev/null``) is written without ``fsync``; any ``OSError`` becomes OutputError (exit 5) after the
+  file is cut back to its last whole line, so ``--resume`` continues it.
 """
 from __future__ import annotations
 

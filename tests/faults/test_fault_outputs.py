@@ -296,3 +296,25 @@ def test_report_links_only_inside_the_allowed_roots(tmp_path, monkeypatch):
     assert "file:///etc/passwd" not in page and "/environ\"" not in page and "file:///proc" not in page
     report([tmp_path / "scan.jsonl"], out=tmp_path / "r2.html", format="html", image_root=[tmp_path])
     assert (tmp_path / "inside.png").as_uri() in (tmp_path / "r2.html").read_text()
+
+
+def test_parquet_merge_failure_keeps_the_journal_for_resume(tmp_path, monkeypatch):
+    out = tmp_path / "scan.parquet"
+    sink = open_sink(str(out), "parquet")
+    sink.write([rec(0), rec(1)])
+    real = durable.finish_temp
+
+    def full(tmp, path, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(durable, "finish_temp", full)
+    with pytest.raises(OutputError, match="disk full"):
+        sink.close()
+    monkeypatch.setattr(durable, "finish_temp", real)
+    assert not out.exists() and no_temps(tmp_path)
+    assert (tmp_path / "scan.parquet.partial.jsonl").stat().st_size > 0  # nothing lost
+    again = open_sink(str(out), "parquet", resume=True)
+    assert again.existing == {"r0", "r1"}
+    again.write([rec(2)])
+    again.close()
+    assert [r["id"] for r in read_records(out)] == ["r0", "r1", "r2"]
