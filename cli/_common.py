@@ -1,4 +1,4 @@
-"""Shared plumbing for the Typer commands: turn library errors into a message and an exit code."""
+"""Shared plumbing for the Typer commands: turn every failure into one line and a documented exit code."""
 from __future__ import annotations
 
 import sys
@@ -7,21 +7,56 @@ from typing import Any, Callable
 import typer
 
 
-def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """Call a library entry point; a GuardalignError becomes 'error: …' on stderr and its exit code (2).
+DEBUG = {"on": False}  # set by the global --debug option (or GUARDALIGN_DEBUG=1): show tracebacks
 
-    KeyboardInterrupt exits 130 without a traceback; anything else is a bug and keeps its traceback.
+
+def debug_enabled() -> bool:
+    import os
+
+    return DEBUG["on"] or os.environ.get("GUARDALIGN_DEBUG", "") not in ("", "0")
+
+
+def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """Call a library entry point and turn every failure into one line on stderr and a documented exit code.
+
+    A GuardalignError exits with its own code (2 usage/config/model/input, 4 nothing scanned under a gate,
+    5 output not written); Ctrl-C exits 130; anything else is a bug: exit 70 with one line, and the
+    traceback only with ``guardalign --debug``.
     """
-    from guardalign.errors import GuardalignError
+    from guardalign.errors import EXIT_INTERRUPTED, GuardalignError
 
     try:
         return fn(**kwargs)
     except GuardalignError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last resort: never a bare traceback, never exit 1
+        internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> None:
+    """Report an unexpected exception in one line (plus the traceback with --debug); exit 70."""
+    import traceback
+
+    from guardalign.errors import EXIT_INTERNAL
+
+    if debug_enabled():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    typer.echo(f"internal error: {type(exc).__name__}: {_one_line(exc)} (a bug; rerun with "
+               "'guardalign --debug ...' for the traceback)", err=True)
+    raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    from guardalign.pathnames import printable
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return printable(text)
 
 
 def stdin_if_dash(paths: list[str]):
@@ -43,5 +78,5 @@ IMAGE_COLUMN = typer.Option(None, "--image-column", help="Parquet image column (
 ID_COLUMN = typer.Option(None, "--id-column", help="Parquet column to use as record id (default: file#row).")
 BATCH_SIZE = typer.Option(32, "--batch-size", help="Images per model batch.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …")
-WORKERS = typer.Option(4, "--workers", help="Image-decoding threads.")
+WORKERS = typer.Option(4, "--workers", min=1, help="Image-decoding threads (≥ 1).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")

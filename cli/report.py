@@ -51,7 +51,9 @@ def report_command(
         n_scan = sum(r["records"] for r in summary["scan"])
         n_ans = summary["answers"]["records"] if summary["answers"] else 0
         typer.echo(f"report: {n_scan:,} scan records, {n_ans:,} answers, {bad:,} malformed → {where}", err=True)
-    raise typer.Exit(3 if bad else 0)
+    from guardalign.errors import EXIT_OK, EXIT_UNREADABLE
+
+    raise typer.Exit(EXIT_UNREADABLE if bad else EXIT_OK)
 
 
 report_command.__doc__ = HELP

@@ -13,15 +13,15 @@ image paths relative to the JSONL file. A line may instead be a scan record with
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guardalign.config import DetectConfig, EncoderConfig
-from guardalign.detection.anchors_edit import tuned_yaml, write_tuned_anchors  # noqa: F401 (re-exported)
-from guardalign.errors import ConfigError, InputError
+from guardalign.commands.anchors_out import write_tuned_anchors  # noqa: F401 (re-exported)
+from guardalign.detection.anchors_edit import tuned_yaml  # noqa: F401 (re-exported)
+from guardalign.errors import EXIT_OK, EXIT_UNREADABLE, ConfigError, InputError
 
 MAX_SHOWN_ISSUES = 20
 _GLOBAL_NO_YAML = ("the global method's θ is a scan flag, not an anchors field: drop -o and pass the printed θ "
@@ -68,7 +68,7 @@ class CalibrationResult:
     @property
     def exit_code(self) -> int:
         """0, or 3 when some lines could not be used (DESIGN §3)."""
-        return 3 if self.skipped else 0
+        return EXIT_UNREADABLE if self.skipped else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (printed on stdout by the CLI)."""
@@ -144,7 +144,7 @@ def calibrate(
     if out_path is not None:
         taus = {c.name: c.tau for c in result.per_category if c.point is not None} if per_category else {}
         write_tuned_anchors(anchors_path, out_path, result.chosen.threshold, taus, overwrite=overwrite,
-                            reset_overrides=not per_category)
+                            reset_overrides=not per_category, inputs=(labelled, from_scan))
         result.out = str(out_path)
     if progress:
         print_report(result)
@@ -171,21 +171,23 @@ def read_labelled(path: str | Path, categories: tuple[str, ...] = ()) -> tuple[l
 
     Raises InputError if the file cannot be read at all.
     """
+    from guardalign.io.jsonl import iter_lines
+
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        data = p.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{p}: labelled file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InputError(f"{p}: cannot read labelled file ({exc})") from None
     items, issues = [], []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
+    for line in iter_lines(data):  # the shared reader: BOM dropped, a bad line is an issue, never a crash
+        n = line.n
+        if line.error is not None:
+            issues.append((n, f"{p}:{n}: {line.error}"))
             continue
         try:
-            items.append(_parse_line(json.loads(raw), n, p.parent, categories))
-        except json.JSONDecodeError as exc:
-            issues.append((n, f"{p}:{n}: not valid JSON ({exc.msg} at column {exc.colno})"))
+            items.append(_parse_line(line.value, n, p.parent, categories))
         except ValueError as exc:
             issues.append((n, f"{p}:{n}: {exc}"))
     return items, issues
@@ -206,6 +208,8 @@ def _parse_line(obj, n: int, base: Path, categories: tuple[str, ...]) -> Labelle
     image = obj.get("image")
     if record is None and (not isinstance(image, str) or not image.strip()):
         raise ValueError('image: expected a path string (relative to the labelled file), e.g. "imgs/a.png"')
+    if isinstance(image, str) and "\x00" in image:
+        raise ValueError("image: the path contains a NUL byte")
     ident = obj.get("id")
     path = (base / image) if isinstance(image, str) and image.strip() else None
     return LabelledItem(n, unsafe, category, image if isinstance(image, str) else None, path,

@@ -153,21 +153,13 @@ def _outside_out_dir(items: Iterator, root: Path, inputs: Sequence[str], summary
 
 
 def _check_out_dir(inputs: Sequence[str], out_dir: str, force: bool) -> Path:
-    """Resolved out_dir; ConfigError when it is a file, or equal to / inside an input folder (unless force)."""
+    """Resolved out_dir; ConfigError when it is a file or overlaps an input in either direction (``force``
+    allows only an out_dir inside an input folder, whose files are then not taken as inputs)."""
+    from guardalign.io.durable import check_out_dir
+
     if not str(out_dir).strip():
         raise ConfigError("--out-dir is required")
-    root = Path(out_dir).expanduser().resolve()
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--out-dir {out_dir} exists and is not a directory")
-    for given in inputs:
-        if given == "-" or not Path(given).is_dir():
-            continue
-        folder = Path(given).resolve()
-        if (root == folder or folder in root.parents) and not force:
-            where = "is" if root == folder else "is inside"
-            raise ConfigError(f"--out-dir {out_dir} {where} the input folder {given}: purified files would mix "
-                              "with the originals; choose another --out-dir (or pass --force)")
-    return root
+    return check_out_dir(Path(out_dir).expanduser(), inputs, force=force)
 
 
 def _overlay_root(root: Path, inputs: Sequence[str], overlay: bool, overlay_dir: str | None) -> Path | None:

@@ -80,7 +80,7 @@ def scan(
     # The sink creates its file on the first write and aborts cleanly (nothing new) on an exception.
     with sink:
         summary = run_job(items, DetectStage(detector), sink, previous=previous, out=out, total=total,
-                          workers=workers, progress=progress, gates=gates)
+                          workers=workers, progress=progress, gates=gates, skipped=getattr(items, "skipped", None))
     if progress:
         print_summary(summary)
     return summary

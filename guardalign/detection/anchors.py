@@ -160,6 +160,8 @@ def parse_anchors(text: str, source: str = "<string>") -> AnchorSet:
         if root is None:
             raise AnchorError(f"{source}:1: file is empty; expected a mapping with keys {', '.join(TOP_KEYS)}")
         return _Validator(source, loader).anchor_set(root)
+    except RecursionError:  # a YAML nested thousands deep: the parser recurses per level
+        raise AnchorError(f"{source}: YAML nested too deeply; an anchors file is a few levels deep") from None
     finally:
         loader.dispose()
 

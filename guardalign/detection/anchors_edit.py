@@ -1,12 +1,11 @@
 """Edit an anchors YAML's τ values in place, keeping comments, order and quoting (ruamel round-trip).
 
-Used by ``guardalign calibrate`` to write a tuned copy of the user's anchors file: only ``tau`` keys
-change, the copy is validated against the original and written atomically.
+Used by ``guardalign calibrate`` to make a tuned copy of the user's anchors file: only ``tau`` keys
+change and the copy is validated against the original (no file is written here).
 """
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -81,29 +80,21 @@ def tuned_yaml(text: str, tau: float | None, per_category: dict[str, float], res
     return buf.getvalue()
 
 
-def write_tuned_anchors(src: str | Path, out: str | Path, tau: float | None, per_category: dict[str, float],
-                        *, overwrite: bool = False, reset_overrides: bool = True) -> Path:
-    """Write the tuned copy of ``src`` to ``out`` atomically, after checking that only τ changed."""
+def tuned_anchors_text(src: str | Path, tau: float | None, per_category: dict[str, float], *,
+                       reset_overrides: bool = True) -> str:
+    """The tuned copy of the anchors file ``src`` as text, checked to differ from it in τ values only.
+
+    Writing it is the caller's job (``guardalign.commands.anchors_out`` writes it atomically).
+    """
     from guardalign.detection.anchors import AnchorError, load_anchors, parse_anchors
 
-    src, out = Path(src), Path(out)
     original = load_anchors(src)
-    text = tuned_yaml(src.read_text(encoding="utf-8-sig"), tau, per_category, reset_overrides)
+    text = tuned_yaml(Path(src).read_text(encoding="utf-8-sig"), tau, per_category, reset_overrides)
     try:
-        tuned = parse_anchors(text, source=str(out))
+        tuned = parse_anchors(text, source=str(src))
     except AnchorError as exc:  # a bug in the editing, never the user's fault: keep their files untouched
         raise ConfigError(f"internal error: the tuned anchors do not validate ({exc}); nothing written") from None
     strip = lambda d: {**d, "tau": None, "categories": [{**c, "tau": None} for c in d["categories"]]}  # noqa: E731
     if strip(tuned.to_dict()) != strip(original.to_dict()):
         raise ConfigError("internal error: editing tau changed other fields of the anchors; nothing written")
-    if out.exists() and (not overwrite or out.resolve() == src.resolve()):
-        raise ConfigError(f"-o {out} already exists; pass --overwrite to replace it (the input is never replaced)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    load_anchors(out)
-    return out
+    return text

@@ -10,8 +10,13 @@
   ``extra`` column and come back from :func:`read_records`. (The Parquet sink and schema live in
   :mod:`guardalign.io.parquet`; they are importable from here.)
 - An existing non-empty output (or journal) is never overwritten: without ``resume`` it is a
-  ConfigError. Files are created lazily, on the first ``write`` or on ``close``, so a run that stops
-  with exit 2 before any record leaves nothing behind.
+  ConfigError. One writer per output: a JSONL file is locked when it is first written (or ``claim``ed),
+  a Parquet output's journal as soon as the sink opens, so a second run to the same ``--out`` stops at
+  once. A run that stops before any record leaves nothing behind (an empty file or journal it created,
+  and the folders made for it, are removed again).
+- Outputs go through :mod:`guardalign.io.durable`: never through a symlink to a regular file; a device
+  (``/dev/null``) is written without ``fsync``; any ``OSError`` becomes OutputError (exit 5) after the
+  file is cut back to its last whole line, so ``--resume`` continues it.
 """
 from __future__ import annotations
 
@@ -19,11 +24,14 @@ import contextlib
 import json
 import math
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Protocol
 
 from guardalign.errors import ConfigError, InputError
+from guardalign.io import durable
+from guardalign.pathnames import json_safe
 from guardalign.io.parquet import (  # noqa: F401 (names re-exported from here)
     EXTRA_FIELD, SCAN_FIELDS, ParquetSink, _Closing, _journal, _parquet_ids, _read_parquet, scan_schema,
 )
@@ -40,12 +48,14 @@ class Sink(Protocol):
 
 def _jsonable(obj):
     """Strict-JSON-safe copy: non-finite floats → None, numpy → Python, tuples → lists, paths → str."""
-    if obj is None or isinstance(obj, (str, bool, int)):
+    if isinstance(obj, str):
+        return json_safe(obj)  # a lone surrogate (an undecodable file-name byte) would not encode as UTF-8
+    if obj is None or isinstance(obj, (bool, int)):
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {json_safe(str(k)): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, os.PathLike):
@@ -81,91 +91,120 @@ def _scan_jsonl(path: Path) -> tuple[set[str], int]:
     starts a record (``{``) or is zero-filled. Any other bad line is a ConfigError naming it, so a
     file that is not a guardalign output is never truncated.
     """
+    from guardalign.io.jsonl import iter_raw, parse_line
+
     ids: set[str] = set()
     good_end = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConfigError(f"cannot resume: cannot read {path} ({e.strerror or e})") from None
+    with f:
+        for lineno, raw, end in iter_raw(f):
             if not raw.endswith(b"\n"):
                 if raw.lstrip().startswith(b"{") or not raw.strip(b"\x00"):
                     break  # torn by a crash inside a write
                 raise ConfigError(f"{path}:{lineno}: not a JSON record; is this a guardalign output?")
             if raw.strip():
-                rec = _loads(raw)
+                rec, _ = parse_line(raw)
                 if not isinstance(rec, dict):
                     raise ConfigError(f"{path}:{lineno}: not a valid JSON record; cannot resume safely")
                 if "id" not in rec:
                     raise ConfigError(f"{path}:{lineno}: record has no 'id'; is this a guardalign output?")
                 ids.add(str(rec["id"]))
-            good_end += len(raw)
+            good_end = end
     return ids, good_end
 
 
-def _loads(raw: bytes):
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a new or replaced directory entry durable (best effort)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _check_target(path: Path) -> None:
-    if path.is_dir():
+    """ConfigError for an --out that cannot be a file; OutputError when it cannot even be looked at."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:  # ENAMETOOLONG, EACCES on a parent, ELOOP ...
+        raise durable._oserror(path, e, "cannot write") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"--out {path} is a directory; give a file name")
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    try:
+        parent = next((p for p in path.absolute().parents if os.path.lexists(p)), None)
+    except OSError as e:
+        raise durable._oserror(path, e, "cannot write") from None
     if parent is not None and not parent.is_dir():
         raise ConfigError(f"--out {path}: {parent} is not a directory")
 
 
-class JsonlSink(_Closing):
-    """Append-only JSONL file; see the module docstring for the crash and resume guarantees."""
+def _size(path: Path) -> int:
+    """Bytes in an existing regular file (0 for a missing file or a device such as /dev/null)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise durable._oserror(path, e, "cannot write") from None
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
-    def __init__(self, path: str | Path, resume: bool = False):
+
+class JsonlSink(_Closing):
+    """Append-only JSONL file; see the module docstring for the crash and resume guarantees.
+
+    ``claim=True`` creates and locks the file now (before anything is read), instead of at the first write;
+    an empty file it created is removed again by ``abort``.
+    """
+
+    def __init__(self, path: str | Path, resume: bool = False, *, claim: bool = False):
         self.path = Path(path)
         self.resume = resume
         self.existing: set[str] = set()  # ids already in the file (resume)
         self._keep: int | None = None  # resume: bytes of the valid prefix to keep
         self._fd: int | None = None
         self._closed = False
+        self._created = False  # this sink created the file (so abort may remove it while still empty)
+        self._wrote = False  # at least one record was written by this sink
+        self._made: list[Path] = []  # folders created for the file (removed again by abort if left empty)
+        self._ready = False  # the first-open checks (cut a torn tail, refuse a file that appeared) are done
         _check_target(self.path)
-        if self.path.exists() and self.path.stat().st_size > 0:
-            if not resume:
-                raise ConfigError(f"{self.path} exists; pass --resume to continue it or choose another --out")
-            self.existing, self._keep = _scan_jsonl(self.path)
+        durable.refuse_symlink(self.path)
+        if claim:
+            self._acquire()
+        try:
+            if _size(self.path) > 0:
+                if not resume:
+                    raise ConfigError(f"{self.path} exists; pass --resume to continue it or choose another --out")
+                self.existing, self._keep = _scan_jsonl(self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _acquire(self) -> int:
+        """Open (creating) and lock the file."""
+        if self._fd is None:
+            self._made = durable.make_parents(self.path)
+            existed = os.path.lexists(self.path)
+            try:
+                self._fd = durable.open_locked(self.path)
+            except BaseException:
+                durable.remove_empty(self._made)
+                raise
+            self._created = not existed
+            if self._created:
+                durable.fsync_dir(self.path.parent)
+        return self._fd
 
     def _open(self) -> int:
-        if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            try:
-                _lock(fd, self.path)
+        """The locked fd; on the first call, the torn tail of a resumed file is cut (or a file that appeared
+        since the start is refused)."""
+        fd = self._acquire()
+        if not self._ready:
+            if durable.is_regular_fd(fd):
                 size = os.fstat(fd).st_size
                 if self._keep is not None and size > self._keep:
                     os.ftruncate(fd, self._keep)  # drop the torn tail of a crashed run
                 elif self._keep is None and size > 0:
+                    self.abort()
                     raise ConfigError(f"{self.path} appeared while starting; not overwriting it")
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
-            if created:
-                _fsync_dir(self.path.parent)
-        return self._fd
+            self._ready = True
+        return fd
 
     def claim(self) -> None:
         """Open and lock the file now (creating it if needed), before the first write: ConfigError when another
@@ -173,15 +212,30 @@ class JsonlSink(_Closing):
         self._open()
 
     def write(self, records: list[dict]) -> None:
-        """Append ``records`` as complete lines, durable on return."""
+        """Append ``records`` as complete lines, durable on return.
+
+        An OSError (disk full, I/O error) becomes OutputError; the file is cut back to its last complete line,
+        so ``--resume`` continues it.
+        """
         if self._closed:
             raise ValueError(f"write to closed sink {self.path}")
         if not records:
             return
         data = _encode(records)  # fails before touching the file
-        fd = self._open()
-        _write_all(fd, data)
-        os.fsync(fd)
+        try:
+            fd = self._open()
+            before = os.fstat(fd).st_size if durable.is_regular_fd(fd) else None
+            try:
+                durable.write_all(fd, data)
+                durable.fsync_fd(fd)
+            except OSError:
+                if before is not None:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, before)
+                raise
+        except OSError as e:
+            raise durable._oserror(self.path, e) from None
+        self._wrote = True
 
     def close(self) -> None:
         """Finish (creating an empty file if nothing was written). Idempotent."""
@@ -193,20 +247,19 @@ class JsonlSink(_Closing):
 
     def abort(self) -> None:
         """Stop without creating anything that does not exist yet; written lines stay."""
+        if self._fd is not None and self._created and not self._wrote:
+            with contextlib.suppress(OSError):
+                st, now = os.fstat(self._fd), os.lstat(self.path)
+                if stat.S_ISREG(st.st_mode) and st.st_size == 0 and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    os.unlink(self.path)  # still ours and locked by us: nobody else uses it
+                    durable.remove_empty(self._made)
+        self.release()
+
+    def release(self) -> None:
+        """Close the file (dropping the lock) as it is now."""
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._closed = None, True
-
-
-def _lock(fd: int, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ConfigError(f"{path} is being written by another running guardalign") from None
 
 
 class StdoutSink(_Closing):
@@ -218,11 +271,17 @@ class StdoutSink(_Closing):
     def write(self, records: list[dict]) -> None:
         if records:
             out = sys.stdout
-            out.write(_encode(records).decode("utf-8"))
-            out.flush()
+            try:
+                out.write(_encode(records).decode("utf-8"))
+                out.flush()
+            except OSError as e:  # a closed pipe, stdout redirected to /dev/full ...
+                raise durable._oserror("stdout", e) from None
 
     def close(self) -> None:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except OSError as e:
+            raise durable._oserror("stdout", e) from None
 
     def abort(self) -> None:
         self.close()
@@ -307,18 +366,7 @@ def _read_parquet_output(path: Path, journal: Path) -> Iterator[dict]:
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except ValueError as e:
-                if not raw.endswith(b"\n"):
-                    return  # torn last line of an interrupted run
-                raise InputError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield rec
+    from guardalign.io.jsonl import read_objects
 
-
+    for _, rec in read_objects(path):
+        yield rec

@@ -214,18 +214,17 @@ def save_checkpoint(model: torch.nn.Module, path) -> Path:
         ptr = t.untyped_storage().data_ptr()
         state[key] = t.clone() if ptr in seen else t  # safetensors refuses tensors that share memory
         seen.add(ptr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    from guardalign.io.durable import write_parts
+
+    def write(tmp: Path) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(state, str(tmp), metadata={"format": "pt"})
         else:
             torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_parts(path, write)  # temp file beside it, fsync, rename: never a half-written checkpoint
     return path
 
 

@@ -163,7 +163,7 @@ class MaskStage:
             if not self.overwrite or target.is_dir():
                 entry.update(status="exists", error=f"output {rel} already exists; pass --overwrite to replace it")
                 return False
-        atomic_write(target, data)
+        atomic_write(target, data, inside=root)
         entry[key], entry["status"] = rel, status
         return True
 

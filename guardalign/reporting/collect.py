@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -119,30 +118,22 @@ def report(
 
 
 def _check_out(out: Path, inputs: list[Path]) -> None:
+    from guardalign.io.durable import check_not_input, special_target
+
+    if special_target(out):  # /dev/null, /dev/stdout: written directly
+        return
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name")
-    if out.exists() and any(os.path.samefile(out, p) for p in inputs):
-        raise ConfigError(f"--out {out} is one of the inputs; refusing to overwrite it")
+    check_not_input(out, inputs, what="--out")
     if not out.resolve().parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.resolve().parent} does not exist")
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`guardalign.io.durable.atomic_write`; OutputError, exit 5)."""
+    from guardalign.io.durable import atomic_write
+
+    atomic_write(path, text)
 
 
 # --------------------------------------------------------------------------- reading
@@ -160,13 +151,10 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any, str | None]]:
             yield from _iter_parquet(path)
             return
         f.seek(0)
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield f"line {n}", json.loads(raw), None
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                yield f"line {n}", None, f"invalid JSON: {exc}"
+        from guardalign.io.jsonl import iter_lines
+
+        for line in iter_lines(f):
+            yield f"line {line.n}", line.value, line.error
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any, str | None]]:

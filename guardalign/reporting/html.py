@@ -183,7 +183,7 @@ def _capped_note(shown: int, total: int, what: str) -> str:
 
 
 def _flagged(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: dict[str, int]) -> str:
-    from guardalign.reporting.images import locate, thumbnails
+    from guardalign.reporting.images import _inside, locate, thumbnails
 
     rows = coll.rows()
     thumbs = thumbnails(coll.thumb_records(), coll.base_dir, roots)
@@ -206,7 +206,8 @@ def _flagged(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: 
                + (f"<div class=muted>{esc(note)}</div>" if note else "")) if uri else f"<span class=muted>{esc(note)}</span>"
         src = r["source"] or ""
         path = locate(src, coll.base_dir)
-        link = f'<a href="{esc(path.as_uri())}">{esc(src)}</a>' if path else esc(src)
+        # Records are untrusted: link only to files inside the allowed roots (never /etc/passwd, /proc/...)
+        link = f'<a href="{esc(path.as_uri())}">{esc(src)}</a>' if path and _inside(path, roots) else esc(src)
         body.append(f'<tr data-cat="{esc(r["category"] or "(none)")}"><td>{img}</td><td class=mono>{esc(r["id"])}</td>'
                     f'<td>{esc(r["category"] or "(none)")}</td><td class=n data-v="{r["score"]!r}">{fmt_num(r["score"])}</td>'
                     f'<td class=n data-v="{r["threshold"]!r}">{fmt_num(r["threshold"])}</td>'

@@ -378,9 +378,9 @@ def test_original_is_never_overwritten(tmp_path, detector, monkeypatch):
     monkeypatch.chdir(tmp_path)
     noise(tmp_path / "a.png")
     before = (tmp_path / "a.png").read_bytes()
-    s = mask(["a.png"], out_dir=".", overwrite=True, detector=detector, progress=False)
-    assert s.exit_code == 3 and (tmp_path / "a.png").read_bytes() == before
-    assert "originals are never overwritten" in manifest(tmp_path)["a.png"]["error"]
+    with pytest.raises(ConfigError, match="contains the input file a.png"):  # refused before anything is written
+        mask(["a.png"], out_dir=".", overwrite=True, detector=detector, progress=False)
+    assert (tmp_path / "a.png").read_bytes() == before and not (tmp_path / MANIFEST).exists()
 
 
 def test_no_overwrite_without_flag_and_idempotent_rerun(tmp_path, detector):
