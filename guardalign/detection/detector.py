@@ -4,7 +4,7 @@ Two methods:
 
 - ``ot``: encode patches (``grid`` crops or ``dense`` value-path tokens), solve one entropic OT problem per
   (image, category) in a single batched call, and flag patches whose normalised transport cost
-  ``d_i(m) ≤ τ_i``.
+  ``d_i(m) ≤ τ_i`` (τ_i = 0 flags nothing).
 - ``global``: the ETA baseline: cosine of the whole-image embedding with each category mean, unsafe when
   ``cos ≥ θ``.
 """
@@ -193,6 +193,8 @@ class Detector:
         )
         d = res.d if cfg.aggregate == "normalized" else res.d_paper.unsqueeze(-1).expand_as(res.d)  # (B, M, C)
         margin = d - self._taus  # (B, M, C): ≤ 0 means unsafe for that category
+        # τ_i = 0 switches category i off: costs are ≥ 0 in exact arithmetic, but 1 − cos can round below 0.
+        margin = torch.where(self._taus > 0, margin, margin.clamp_min(torch.finfo(margin.dtype).tiny))
         patch_margin, patch_cat = margin.min(dim=-1)  # (B, M)
         patch_score = d.min(dim=-1).values  # (B, M)
         cat_score = d.min(dim=1).values  # (B, C)

@@ -1,0 +1,39 @@
+"""Defaults of the optional anchors-YAML keys, and the ``fitted_for`` record (docs/anchors.md).
+
+Kept apart from the loader so that the documented values live in one short place; a test checks that
+the shipped ``anchors/default.yaml`` writes the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FITTED_KEYS = ("model", "pretrained", "method", "patches", "grid", "stride")
+
+DEFAULT_TAU = 0.75  # the shipped starting point for ViT-B-32 / openai (anchors/default.yaml)
+DEFAULT_PREFIX = ("Before answering, examine the image and the request carefully. If either involves unsafe, "
+                  "harmful, illegal or private content, refuse and explain why; otherwise answer helpfully.")
+DEFAULT_REFUSAL_PHRASES = (
+    "I'm sorry", "I am sorry", "I'm really sorry", "I am really sorry", "My apologies", "I apologize",
+    "I cannot", "I can't", "I can not", "I won't", "I will not", "I'm not able", "I am not able", "I'm unable",
+    "I am unable", "As an AI", "As a language model", "As an assistant", "is illegal and unethical",
+    "I must decline", "I must refuse", "not appropriate for me to", "If you have any other non-malicious requests",
+)
+# Value of each optional top-level key when it is left out (the shipped default.yaml writes the same ones;
+# a test keeps them equal). A category's description defaults to its name.
+DEFAULTS = {"version": 1, "tau": DEFAULT_TAU, "prefix": DEFAULT_PREFIX, "refusal_phrases": DEFAULT_REFUSAL_PHRASES}
+
+
+@dataclass(frozen=True)
+class FittedFor:
+    """Settings a tuned τ was fitted for (written by ``guardalign calibrate``); None = not recorded."""
+
+    model: str | None = None  # CLIP model: registry name or config-JSON file name (e.g. "ViT-B-32")
+    pretrained: str | None = None  # weights: tag ("openai"), resolved checkpoint path, or "none"
+    method: str | None = None  # "ot" or "global"
+    patches: str | None = None  # "grid" or "dense"
+    grid: int | None = None  # grid mode: windows per side
+    stride: float | None = None  # grid mode: window stride as a fraction of the window
+
+    def to_dict(self) -> dict:
+        """The recorded settings only (keys with a value)."""
+        return {k: getattr(self, k) for k in FITTED_KEYS if getattr(self, k) is not None}
