@@ -1,5 +1,7 @@
-"""Exceptions that carry the exit code the CLI should return (DESIGN §3)."""
+"""Exceptions that carry the exit code the CLI should return (DESIGN §3), and one-line user warnings."""
 from __future__ import annotations
+
+import sys
 
 
 class GuardalignError(Exception):
@@ -18,3 +20,14 @@ class ModelLoadError(GuardalignError):
 
 class InputError(GuardalignError):
     """An input that cannot be used at all, e.g. a missing Parquet image column (exit 2)."""
+
+
+def warn(message: str) -> None:
+    """Tell the user something on stderr as ONE line, ``warning: …``.
+
+    Used instead of :func:`warnings.warn` for things a user of the command line must see (random weights,
+    anchors fitted for other settings): Python's warning display adds the source file, the line number,
+    the category and the offending source line, and changing how it displays would be process-wide state.
+    """
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr, flush=True)

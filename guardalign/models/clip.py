@@ -108,8 +108,10 @@ def _resolve_weights(arch: str, label: str, pretrained: str) -> tuple[str | None
     import open_clip
 
     if pretrained.lower() == "none":
-        warnings.warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces "
-                      "is meaningless; use it only for tests.", UserWarning, stacklevel=3)
+        from guardalign.errors import warn
+
+        warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces is "
+             "meaningless; use it only for tests.")
         return None, "none", False
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if tag_cfg:
