@@ -44,7 +44,8 @@ def answer_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of --model."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip ids already in --out."),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that relative image paths resolve against (default: the prompts file's folder; for stdin, the current directory)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip ids already in --out (same settings only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
 ) -> None:
     from guardalign.commands.answer import answer
@@ -53,7 +54,7 @@ def answer_command(
         answer,
         prompts=prompts, model=model, out=out, calibration=calibration, gamma=gamma, layers=layers, prefix=prefix,
         prefix_at=prefix_at, purify=not no_purify, max_new_tokens=max_new_tokens, judge=judge, anchors=anchors,
-        clip_model=clip_model, pretrained=pretrained, device=device, dtype=dtype, revision=revision, resume=resume,
+        clip_model=clip_model, pretrained=pretrained, device=device, dtype=dtype, revision=revision, image_root=image_root, resume=resume,
         stdin=sys.stdin if prompts == "-" else None, progress=not quiet,
     )
     raise typer.Exit(summary.exit_code)

@@ -18,9 +18,11 @@ Examples:
 
   guardalign scan photos/ --out scan.jsonl
 
-  guardalign scan data/train.parquet --image-column image --format parquet --out scan.parquet
+  guardalign scan data/train.parquet --image-column image --out scan.parquet
 
   find imgs -name '*.png' | guardalign scan - --patches dense --max-unsafe-rate 0.01 --out scan.jsonl
+
+  find imgs -type f -print0 | guardalign scan - -0 --out scan.jsonl --overwrite
 
   guardalign scan imgs/ --clip-model ViT-B-32 --pretrained ./open_clip_pytorch_model.bin   # offline weights
 
@@ -40,13 +42,15 @@ def scan_command(
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (a cost 1−cos; unsafe when d ≤ τ)."),
     theta: float = THETA,
     out: str = typer.Option("-", "--out", "-o", help="Output file, or '-' for stdout (JSONL)."),
-    format: str = typer.Option("jsonl", "--format", help="jsonl or parquet."),
+    format: Optional[str] = typer.Option(None, "--format", help="jsonl or parquet (default: from the --out name, else jsonl)."),
     image_column: Optional[str] = IMAGE_COLUMN,
     id_column: Optional[str] = ID_COLUMN,
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
     workers: int = WORKERS,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip ids already in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip ids already in --out (same settings only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out instead of refusing."),
+    null: bool = typer.Option(False, "--null", "-0", help="With '-': paths on stdin are NUL-separated (find -print0)."),
     fail_on_unsafe: bool = typer.Option(False, "--fail-on-unsafe", help="Exit 1 if any image is unsafe."),
     max_unsafe_rate: Optional[float] = typer.Option(None, "--max-unsafe-rate", help="Exit 1 if the unsafe fraction exceeds R."),
     quiet: bool = QUIET,
@@ -58,7 +62,7 @@ def scan_command(
         inputs=inputs, anchors=anchors, clip_model=clip_model, pretrained=pretrained, method=method,
         patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, out=out, format=format,
         image_column=image_column, id_column=id_column, batch_size=batch_size, device=device,
-        workers=workers, resume=resume, fail_on_unsafe=fail_on_unsafe, max_unsafe_rate=max_unsafe_rate,
+        workers=workers, resume=resume, overwrite=overwrite, null=null, fail_on_unsafe=fail_on_unsafe, max_unsafe_rate=max_unsafe_rate,
         stdin=stdin_if_dash(inputs), progress=not quiet,
     )
     raise typer.Exit(summary.exit_code)

@@ -1,13 +1,20 @@
-"""Exceptions that carry the exit code the CLI should return (DESIGN §3), and one-line user warnings."""
+"""Exit codes (defined once, for every command), the exceptions that carry them (DESIGN §3), and one-line
+user warnings."""
 from __future__ import annotations
 
 import sys
+
+EXIT_OK = 0  # done, and any gate passed
+EXIT_GATE = 1  # a gate failed (--fail-on-unsafe, --max-unsafe-rate)
+EXIT_USAGE = 2  # usage, config or model-loading error: nothing was written
+EXIT_UNREADABLE = 3  # the run finished, but some inputs could not be read (their records say why)
+EXIT_EMPTY = 4  # a gate was set but no image was scanned (nothing to vouch for)
 
 
 class GuardalignError(Exception):
     """Base class: a problem the user can fix, reported without a traceback."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(GuardalignError):

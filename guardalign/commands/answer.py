@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from guardalign.config import EncoderConfig
 from guardalign.errors import ConfigError, InputError
+from guardalign.pipeline.runner import RunSummary
 
-EXIT_OK, EXIT_UNREADABLE = 0, 3
+AnswerSummary = RunSummary  # the summary of an answer run is the runner's
+
 REQUIRED_FIELDS = ("id", "prompt", "image")
 NO_CATEGORY = "(none)"
 
@@ -32,53 +33,28 @@ class PromptItem:
     error: str | None = None  # why the line cannot be answered (names file and line)
 
 
-@dataclass
-class CategoryStats:
-    answered: int = 0  # ok records
-    refused: int = 0  # ok records the refusal matcher flagged
-    judged: int = 0  # ok records with a judge verdict (safe or unsafe)
-    judge_unsafe: int = 0  # ok records the judge called unsafe
-    purified: int = 0  # ok records whose image was purified
+STATS = ("answered", "refused", "judged", "judge_unsafe", "purified")  # per-category counts in the summary tally
 
 
-@dataclass
-class AnswerSummary:
-    """Counts over every record in the output (previous records included when resuming)."""
-
-    total: int = 0  # records in the output
-    ok: int = 0  # records with status ok
-    errors: int = 0  # records with status error
-    skipped: int = 0  # prompts skipped because --resume found their id already written
-    processed: int = 0  # records written by this run
-    seconds: float = 0.0  # wall time of this run
-    by_category: dict[str, CategoryStats] = field(default_factory=dict)  # per prompt category
-    error_list: list[tuple[str, str]] = field(default_factory=list)  # (id, error) of this run's errors
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every record is ok, 3 when some prompts could not be answered."""
-        return EXIT_UNREADABLE if self.errors else EXIT_OK
-
-    def add(self, record: dict[str, Any], *, this_run: bool = True) -> None:
-        self.total += 1
-        if record.get("status") != "ok":
-            self.errors += 1
-            if this_run:
-                self.error_list.append((str(record.get("id")), str(record.get("error"))))
-            return
-        self.ok += 1
-        stats = self.by_category.setdefault(record.get("category") or NO_CATEGORY, CategoryStats())
-        stats.answered += 1
-        stats.refused += bool(record.get("refused"))
-        stats.purified += bool((record.get("detection") or {}).get("purified"))
-        verdict = (record.get("judge") or {}).get("unsafe")
-        if verdict is not None:
-            stats.judged += 1
-            stats.judge_unsafe += bool(verdict)
+def _tally(record: dict[str, Any], tally) -> None:
+    """Per-category counts of ok answer records, keyed ``(category, stat)`` in the runner summary's tally."""
+    if record.get("status") != "ok":
+        return
+    cat = record.get("category") or NO_CATEGORY
+    tally[(cat, "answered")] += 1
+    tally[(cat, "refused")] += bool(record.get("refused"))
+    tally[(cat, "purified")] += bool((record.get("detection") or {}).get("purified"))
+    verdict = (record.get("judge") or {}).get("unsafe")
+    if verdict is not None:
+        tally[(cat, "judged")] += 1
+        tally[(cat, "judge_unsafe")] += bool(verdict)
 
 
-def read_prompts(prompts: str | Path, stdin: TextIO | None = None) -> list[PromptItem]:
+def read_prompts(prompts: str | Path, stdin: TextIO | None = None, image_root: str | Path | None = None) -> list[PromptItem]:
     """Parse a prompts JSONL file ("-" = stdin) into items; bad lines become items with ``error`` set.
+
+    Relative image paths resolve against ``image_root`` when given, else the prompts file's folder (stdin: the
+    current directory).
 
     Raises InputError (exit 2) only when the file itself cannot be read.
     """
@@ -95,6 +71,10 @@ def read_prompts(prompts: str | Path, stdin: TextIO | None = None) -> list[Promp
         except OSError as e:
             raise InputError(f"cannot read prompts file {path}: {e}") from None
         name, base = str(path), path.parent
+    if image_root is not None:
+        base = Path(image_root)
+        if not base.is_dir():
+            raise InputError(f"--image-root {image_root}: no such directory")
     items: list[PromptItem] = []
     first_line: dict[str, int] = {}
     for n, raw in enumerate(raw_lines.splitlines(), 1):
@@ -114,7 +94,9 @@ def _parse_line(raw: bytes, n: int, name: str, base: Path) -> PromptItem:
     where = f"{name}:{n}"
     fallback = f"{name}#{n}"
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8-sig"))  # a BOM (on line 1) is not part of the JSON
+    except RecursionError:
+        return PromptItem(fallback, n, None, None, None, None, f"{where}: JSON nested too deeply")
     except UnicodeDecodeError as e:
         return PromptItem(fallback, n, None, None, None, None, f"{where}: not UTF-8 ({e})")
     except ValueError as e:
@@ -130,6 +112,8 @@ def _parse_line(raw: bytes, n: int, name: str, base: Path) -> PromptItem:
     if missing:
         detail = ", ".join(f"'{f}'" + ("" if f not in obj else " (empty or not a string)") for f in missing)
         return PromptItem(rid or fallback, n, prompt, image, None, category, f"{where}: missing field {detail}")
+    if "\0" in image:
+        return PromptItem(rid, n, prompt, image, None, category, f"{where}: field 'image' contains a NUL byte")
     path = Path(image)
     return PromptItem(rid, n, prompt, image, path if path.is_absolute() else base / path, category)
 
@@ -153,7 +137,9 @@ def answer(
     device: str = "auto",
     dtype: str = "auto",
     revision: str | None = None,
+    image_root: str | None = None,
     resume: bool = False,
+    workers: int = 2,
     stdin: TextIO | None = None,
     progress: bool = True,
     loaded_lvlm: Any = None,
@@ -163,17 +149,18 @@ def answer(
     """Answer every prompt with the calibrated LVLM and write one record per prompt line.
 
     Raises a ``GuardalignError`` (exit 2) before writing anything when a flag, the anchors YAML, a model,
-    the prompts file or the output is unusable. ``loaded_lvlm`` / ``detector`` / ``judge_obj`` let a caller
-    reuse loaded components (the matching loading flags are then ignored).
+    the prompts file or the output is unusable, or when ``resume`` meets records made with other settings.
+    ``loaded_lvlm`` / ``detector`` / ``judge_obj`` let a caller reuse loaded components (the matching loading
+    flags are then ignored).
     """
     from guardalign.detection.anchors import load_anchors
+    from guardalign.io.sinks import open_sink, read_records
     from guardalign.models.judge import load_judge
     from guardalign.models.lvlm import load_lvlm
-    from guardalign.io.sinks import existing_ids, open_sink, read_records
+    from guardalign.pipeline.runner import run_job
 
     spec = _check_flags(calibration, gamma, layers, prefix_at, max_new_tokens, out, resume)
-    done = existing_ids(out, "jsonl") if resume else set()
-    items = read_prompts(prompts, stdin=stdin)
+    items = read_prompts(prompts, stdin=stdin, image_root=image_root)
     anchor_set = load_anchors(anchors)
     lvlm = loaded_lvlm or load_lvlm(model, device=device, dtype=dtype, revision=revision)
     layer_span = spec.resolve_layers(lvlm.n_layers)
@@ -181,31 +168,26 @@ def answer(
         from guardalign.detection.detector import Detector
 
         detector = Detector.from_options(clip_model=clip_model, pretrained=pretrained, anchors=anchor_set, device=device)
-    run = _Run.build(lvlm, detector, judge_obj or load_judge(judge, device=device, dtype=dtype), anchor_set, spec,
-                     layer_span, prefix=anchor_set.prefix if prefix is None else prefix, prefix_at=prefix_at,
-                     purify=purify, max_new_tokens=max_new_tokens)
-    summary = AnswerSummary()
-    for rec in (read_records(out) if done else ()):
-        _check_same_settings(rec, run, out)
-        summary.add(rec, this_run=False)
-    todo = [it for it in items if it.id not in done]
-    summary.skipped = len(items) - len(todo)
-
-    from guardalign.pipeline.progress import progress_bar
-
+    stage = _Run.build(lvlm, detector, judge_obj or load_judge(judge, device=device, dtype=dtype), anchor_set, spec,
+                       layer_span, prefix=anchor_set.prefix if prefix is None else prefix, prefix_at=prefix_at,
+                       purify=purify, max_new_tokens=max_new_tokens)
     sink = open_sink(str(out), "jsonl", resume=resume)
-    start = time.perf_counter()
-    with sink, progress_bar("answer", len(todo), enabled=progress, unit="prompt") as advance:
-        for item in todo:
-            rec = run.answer_item(item)
-            sink.write([rec])
-            summary.add(rec)
-            summary.processed += 1
-            advance(1)
-    summary.seconds = time.perf_counter() - start
+    previous = read_records(out) if resume and sink.existing else ()
+    with sink:
+        summary = run_job((_as_item(it) for it in items), stage, sink, previous=previous, out=str(out),
+                          total=len(items), workers=workers, progress=progress)
     if progress:
-        print_summary(summary, judged=run.judge is not None)
+        print_summary(summary, judged=stage.judge is not None)
     return summary
+
+
+def _as_item(p: PromptItem):
+    """A prompt line as a runner item: the image to decode, the line's fields in ``meta``."""
+    from guardalign.records import Item
+
+    error = p.error
+    return Item(id=p.id, source=str(p.path) if p.path is not None else f"line {p.line}", path=p.path,
+                error=error, meta={"prompt_item": p})
 
 
 def _check_flags(calibration, gamma, layers, prefix_at, max_new_tokens, out, resume):
@@ -226,21 +208,10 @@ def _check_flags(calibration, gamma, layers, prefix_at, max_new_tokens, out, res
     return spec
 
 
-def _check_same_settings(rec: dict, run: "_Run", out: str) -> None:
-    """--resume must not mix records made with another model, calibration, anchors or budget."""
-    current = {**run.fixed, "max_new_tokens": run.max_new_tokens}
-    previous = {k: rec.get(k) for k in run.fixed}
-    previous["max_new_tokens"] = (rec.get("generation") or {}).get("max_new_tokens")
-    for key, value in current.items():
-        if previous[key] != value:
-            raise ConfigError(
-                f"cannot resume {out}: record {rec.get('id')!r} was made with {key}={json.dumps(previous[key])}, "
-                f"this run has {json.dumps(value)}; resume with the same settings or choose another --out"
-            )
-
-
 @dataclass
 class _Run:
+    """The answer stage: one decoded prompt image → purify → prefix → calibrated generation → judge."""
+
     lvlm: Any  # guardalign.models.lvlm.LVLM
     detector: Any  # guardalign.detection.detector.Detector
     judge: Any  # a guardalign.models.judge.Judge, or None
@@ -251,12 +222,28 @@ class _Run:
     purify: bool  # replace unsafe patches before answering
     max_new_tokens: int  # generation budget
     fixed: dict  # record fields shared by every record (model, calibration, anchors_sha256)
+    name: str = "answer"  # runner: progress label
+    unit: str = "prompt"  # runner: progress unit
+    batch_size: int = 1  # runner: prompts per process() call (generation runs one prompt at a time)
+
+    def settings(self) -> dict:
+        """What a resumed run must share: the LVLM, calibration, anchors, budget, detector and judge."""
+        return {**self.fixed, "max_new_tokens": self.max_new_tokens, "purify": self.purify,
+                "detector": self.detector.settings(), "judge": getattr(self.judge, "name", None)}
+
+    def process(self, batch: list) -> list[dict]:
+        return [self.answer_item(d) for d in batch]
+
+    def account(self, record: dict, tally) -> None:
+        _tally(record, tally)
 
     @classmethod
     def build(cls, lvlm, detector, judge, anchor_set, spec, layer_span, **options) -> "_Run":
         from guardalign.models.judge import RefusalMatcher
 
-        calibration = {"mode": spec.mode, "gamma": spec.gamma, "layers": list(layer_span),
+        off = spec.mode == "off" or spec.gamma == 0
+        calibration = {"mode": spec.mode, "gamma": None if off else spec.gamma,  # what ran, not what was asked
+                       "layers": None if off else list(layer_span),
                        "prefix_at": options["prefix_at"], "prefix": options["prefix"]}
         fixed = {"model": lvlm.info.to_record(), "calibration": calibration, "anchors_sha256": anchor_set.sha256}
         return cls(lvlm=lvlm, detector=detector, judge=judge, matcher=RefusalMatcher(anchor_set.refusal_phrases),
@@ -272,22 +259,19 @@ class _Run:
             "generation": {"max_new_tokens": self.max_new_tokens, **GREEDY},
         }
 
-    def answer_item(self, item: PromptItem) -> dict:
-        """One record for ``item``; every expected failure becomes ``status: error``."""
-        from guardalign.io.images import ImageDecodeError, decode_image
-
+    def answer_item(self, decoded) -> dict:
+        """One record for a decoded prompt line; every expected failure becomes ``status: error``."""
+        item: PromptItem = decoded.item.meta["prompt_item"]
         rec = self.empty_record(item)
         if item.error:
             rec["error"] = item.error
             return rec
-        try:
-            image, info = decode_image(path=item.path)
-        except ImageDecodeError as e:
-            rec["error"] = f"line {item.line}: image {item.image!r} ({item.path}): {e}"
+        if decoded.error is not None or decoded.image is None:
+            rec["error"] = f"line {item.line}: image {item.image!r} ({item.path}): {decoded.error}"
             return rec
-        rec["image_sha256"] = info.sha256  # the audited bytes, whatever the path points at later
+        rec["image_sha256"] = decoded.info.sha256  # the audited bytes, whatever the path points at later
         try:
-            self._fill(rec, item, image)
+            self._fill(rec, item, decoded.image)
         except (InputError, ConfigError) as e:
             rec["error"] = f"line {item.line}: {e}"
         except Exception as e:  # a model failure on one prompt must not lose the others' records
@@ -336,23 +320,20 @@ def print_summary(summary: AnswerSummary, *, judged: bool = False) -> None:
     table = Table(title="guardalign answer", show_header=True, header_style="bold")
     for col in ("category", "answered", "refused", "judge unsafe", "purified"):
         table.add_column(col, justify="left" if col == "category" else "right")
-    total = CategoryStats()
-    for name in sorted(summary.by_category):
-        s = summary.by_category[name]
-        table.add_row(name, *_cells(s, judged))
-        for f in total.__dataclass_fields__:
-            setattr(total, f, getattr(total, f) + getattr(s, f))
-    table.add_row("all", *_cells(total, judged), style="bold")
+    cats = sorted({cat for cat, _ in summary.tally})
+    for name in cats + ["all"]:
+        s = {k: (sum(summary.tally[(c, k)] for c in cats) if name == "all" else summary.tally[(name, k)]) for k in STATS}
+        table.add_row(name, *_cells(s, judged), style="bold" if name == "all" else None)
     console.print(table)
-    extra = f" · skipped (resume): {summary.skipped}" if summary.skipped else ""
+    extra = f" · resumed (already done): {summary.resumed}" if summary.resumed else ""
     console.print(f"records {summary.total} · ok {summary.ok} · errors {summary.errors}{extra} · "
                   f"{summary.processed} answered in {summary.seconds:.1f} s", markup=False, highlight=False)
     print_errors(console, summary.error_list, see="the records")
 
 
-def _cells(s: CategoryStats, judged: bool) -> list[str]:
+def _cells(s: dict, judged: bool) -> list[str]:
     def rate(k: int, n: int) -> str:
         return f"{k} ({k / n:.0%})" if n else "–"
 
-    return [str(s.answered), rate(s.refused, s.answered),
-            rate(s.judge_unsafe, s.judged) if judged else "–", str(s.purified)]
+    return [str(s["answered"]), rate(s["refused"], s["answered"]),
+            rate(s["judge_unsafe"], s["judged"]) if judged else "–", str(s["purified"])]

@@ -271,28 +271,37 @@ def _join(items, scan_path: Path, skipped) -> list:
 
 
 def _score_images(items, skipped, anchor_set, method, detector, progress, opts) -> list:
-    from guardalign.io.images import ImageDecodeError, decode_image
-    from guardalign.pipeline.progress import progress_bar
+    """Score the labelled images on the runner (threaded decoding, batching, per-item errors)."""
+    from guardalign.pipeline.detect import DetectStage
+    from guardalign.pipeline.runner import run_job
+    from guardalign.records import Item
 
     if detector is None:
         from guardalign.detection.detector import Detector
 
         detector = Detector.from_options(anchors=anchor_set, method=method, **opts)
-    bs = detector.config.batch_size
+    by_key = {f"line {it.line}": it for it in items}
+    records: list[dict] = []
+    sources = (Item(id=key, source=str(it.path), path=it.path) for key, it in by_key.items())
+    run_job(sources, DetectStage(detector, name="calibrate"), _Collect(records), total=len(items), progress=progress)
     pairs = []
-    with progress_bar("calibrate", len(items), enabled=progress) as advance:
-        for start in range(0, len(items), bs):
-            batch, images = [], []
-            for it in items[start:start + bs]:
-                try:
-                    images.append(decode_image(path=it.path)[0])
-                    batch.append(it)
-                except ImageDecodeError as exc:
-                    skipped.append((it.line, f"line {it.line}: image {it.image!r}: {exc}"))
-            for it, det in zip(batch, detector.detect(images) if images else []):
-                pairs.append((it, {"status": "ok", **det.to_record()}))
-            advance(len(items[start:start + bs]))
+    for rec in records:
+        it = by_key[rec["id"]]
+        if rec["status"] != "ok":
+            skipped.append((it.line, f"line {it.line}: image {it.image!r}: {rec.get('error')}"))
+        else:
+            pairs.append((it, rec))
     return pairs
+
+
+class _Collect:
+    """A sink that keeps records in memory (calibration needs every score at once)."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def write(self, records: list[dict]) -> None:
+        self.into.extend(records)
 
 
 # ---------------------------------------------------------------------------------------------- fitting

@@ -107,6 +107,13 @@ class Detector:
         """What a scan record must match to be reused: the encoder and the anchor set."""
         return {"model": self.encoder.name, "anchors_sha256": self.anchors.sha256}
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting that shapes a verdict: the encoder, the anchors and the DetectConfig (less batch size)."""
+        cfg = asdict(self.config)
+        cfg.pop("batch_size")
+        cfg["scales"] = list(cfg["scales"])
+        return {**self.provenance, **cfg}
+
     def with_config(self, **changes: Any) -> "Detector":
         """A detector sharing this one's encoder and text embeddings, with some DetectConfig fields changed."""
         clone = object.__new__(Detector)
@@ -162,7 +169,7 @@ class Detector:
                     width=w,
                     height=h,
                     method="global",
-                    patches=self.config.patches,
+                    patches="none",  # the global method encodes the whole image only
                     **self.provenance,
                 )
             )

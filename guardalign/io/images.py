@@ -24,8 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-if TYPE_CHECKING:
-    from guardalign.io.sources import Item
+from guardalign.records import Decoded, Item
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -260,14 +259,6 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- streams
 
 
-@dataclass
-class Decoded:
-    item: Item  # the item this came from (guardalign.io.sources.Item)
-    image: Image.Image | None  # RGB, EXIF-upright, first frame; None on error
-    info: DecodeInfo | None  # size, original mode, format, frame count; None on error
-    error: str | None  # the cause when the item could not be used, else None
-
-
 def _decode_item(item: Item, max_pixels: int | None) -> Decoded:
     """Decode one item; a file's bytes are read once and kept on the returned item (``item.data``), so
     whatever a consumer later copies or purifies is exactly what was scanned and hashed."""
@@ -290,12 +281,14 @@ def decode_stream(
     prefetch: int = 64,
     *,
     max_pixels: int | None = None,
+    decode=None,
 ) -> Iterator[Decoded]:
     """Decode items in worker threads, yielding results in input order.
 
     At most ``prefetch`` items are pulled from ``items`` ahead of the consumer (being decoded or
     decoded and waiting), so memory stays flat however long the stream. Items that already carry
     an ``error`` are passed through without decoding. Closing the generator early cancels pending work.
+    ``decode(item) -> Decoded`` replaces the default full decode (e.g. a stage that needs only the bytes).
     """
     if workers < 1 or prefetch < 1:
         raise ValueError(f"workers and prefetch must be ≥ 1 (got {workers}, {prefetch})")
@@ -311,7 +304,8 @@ def decode_stream(
                 except StopIteration:
                     exhausted = True
                     break
-                fut = None if item.error else pool.submit(_decode_item, item, max_pixels)
+                fut = None if item.error else (pool.submit(decode, item) if decode is not None
+                                               else pool.submit(_decode_item, item, max_pixels))
                 pending.append((item, fut))
             if not pending:
                 return

@@ -12,17 +12,10 @@ from pathlib import Path
 from typing import Iterator
 
 from guardalign.errors import ConfigError, InputError
+from guardalign.records import SCAN_RECORD, arrow_type
 
-# Scan record fields stored as Parquet columns (DESIGN §3), with their arrow types (built lazily).
-SCAN_FIELDS: tuple[tuple[str, str], ...] = (
-    ("id", "string"), ("source", "string"), ("status", "string"), ("error", "string"),
-    ("verdict", "string"), ("score", "double"), ("category", "string"),
-    ("categories", "map<string,double>"), ("unsafe_patches", "list<int32>"), ("grid", "list<int32>"),
-    ("boxes", "list<list<int32>>"), ("patch_scores", "list<double>"), ("patch_boxes", "list<list<int32>>"),
-    ("width", "int32"), ("height", "int32"), ("method", "string"), ("patches", "string"),
-    ("model", "string"), ("anchors_sha256", "string"), ("threshold", "double"),
-    ("box_categories", "list<string>"), ("notes", "list<string>"), ("elapsed_s", "double"), ("sha256", "string"),
-)
+# Scan record fields stored as Parquet columns (guardalign.records; `json` fields travel in ``extra``).
+SCAN_FIELDS: tuple[tuple[str, str], ...] = tuple((f.name, f.type) for f in SCAN_RECORD if f.type != "json")
 EXTRA_FIELD = "extra"  # JSON object string holding every record key not in SCAN_FIELDS
 _JOURNAL_SUFFIX = ".partial.jsonl"
 _MERGE_ROWS = 10_000  # journal records converted per Parquet write at close
@@ -47,14 +40,7 @@ def scan_schema():
     """The arrow schema of scan records in Parquet (SCAN_FIELDS + ``extra``)."""
     import pyarrow as pa
 
-    i32 = pa.int32()
-    types = {
-        "string": pa.string(), "double": pa.float64(), "int32": i32,
-        "map<string,double>": pa.map_(pa.string(), pa.float64()), "list<int32>": pa.list_(i32),
-        "list<list<int32>>": pa.list_(pa.list_(i32)), "list<double>": pa.list_(pa.float64()),
-        "list<string>": pa.list_(pa.string()),
-    }
-    return pa.schema([(n, types[t]) for n, t in SCAN_FIELDS] + [(EXTRA_FIELD, pa.string())])
+    return pa.schema([(n, arrow_type(t)) for n, t in SCAN_FIELDS] + [(EXTRA_FIELD, pa.string())])
 
 
 def _to_row(record: dict) -> dict:

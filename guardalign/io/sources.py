@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TextIO
 
 from guardalign.errors import InputError
+from guardalign.records import Item  # noqa: F401 (re-exported: sources yield Items)
 from guardalign.io.images import IMAGE_EXTENSIONS, Decoded, decode_stream  # noqa: F401 (decode_stream re-exported)
 
 PARQUET_EXTENSIONS = frozenset({".parquet", ".pq"})
@@ -36,16 +37,6 @@ PARQUET_EXTENSIONS = frozenset({".parquet", ".pq"})
 BATCH_BYTES = 64 << 20
 # String columns taken as image paths when no other image column exists, in order of preference.
 PATH_COLUMN_NAMES = ("image", "image_path", "img", "file_name", "filename", "file", "path")
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str  # stable record id (module docstring)
-    source: str  # where it came from: a file path, or "<parquet path>#<row>"
-    path: Path | None = None  # image file to read (folders, lists, single files, Parquet path cells)
-    data: bytes | None = None  # inline image bytes (Parquet binary or struct-bytes cells)
-    error: str | None = None  # set when known bad before decoding (null cell, broken symlink, unreadable Parquet)
-    meta: dict = field(default_factory=dict)  # folder {root, rel}; Parquet {parquet, row, column, cell_kind, base}
 
 
 @dataclass(frozen=True)
@@ -70,6 +61,7 @@ class _Options:
     image_column: str | None  # user-given image column, or None to detect
     id_column: str | None  # user-given id column, or None
     stdin: TextIO | None  # where "-" reads paths from
+    null: bool  # "-" lists are NUL-separated (find -print0) instead of one path per line
     batch_rows: int  # max rows per Parquet batch
     plans: dict = field(default_factory=dict)  # Parquet path -> _ParquetPlan validated up front
 
@@ -250,10 +242,26 @@ def _read_image(task: _Task, opts: _Options) -> Iterator[Item]:
 
 def _read_list(task: _Task, opts: _Options) -> Iterator[Item]:
     stream = opts.stdin if opts.stdin is not None else sys.stdin
-    for line in stream:
-        line = line.rstrip("\r\n")
+    for line in (_null_separated(stream) if opts.null else stream):
+        line = line.rstrip("\r\n") if not opts.null else line
         if line.strip():
             yield _file_item(line, Path(line))
+
+
+def _null_separated(stream: TextIO) -> Iterator[str]:
+    """Paths separated by NUL bytes (``find -print0``); read in chunks, so a long list stays streamed."""
+    raw = getattr(stream, "buffer", None)
+    rest = b"" if raw is not None else ""
+    while True:
+        chunk = raw.read(1 << 16) if raw is not None else stream.read(1 << 16)
+        if not chunk:
+            break
+        parts = (rest + chunk).split(b"\0" if raw is not None else "\0")
+        rest = parts.pop()
+        for p in parts:
+            yield os.fsdecode(p) if raw is not None else p
+    if rest:
+        yield os.fsdecode(rest) if raw is not None else rest
 
 
 def _read_parquet(task: _Task, opts: _Options) -> Iterator[Item]:
@@ -348,6 +356,7 @@ def iter_items(
     id_column: str | None = None,
     stdin: TextIO | None = None,
     batch_rows: int = 1024,
+    null: bool = False,
 ) -> Iterator[Item]:
     """Validate all inputs now (InputError, nothing read yet), then return a lazy Item stream.
 
@@ -359,7 +368,7 @@ def iter_items(
     """
     if batch_rows < 1:
         raise InputError(f"batch_rows must be ≥ 1, got {batch_rows}")
-    opts = _Options(image_column, id_column, stdin, batch_rows)
+    opts = _Options(image_column, id_column, stdin, null, batch_rows)
     tasks = _plan(inputs, opts)
     return _generate(tasks, opts)
 

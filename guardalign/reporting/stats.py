@@ -16,7 +16,7 @@ HIST_BINS = 30  # bins of every score histogram
 MAX_LISTED = 200  # error records listed individually per section (all are counted)
 MAX_CATEGORIES = 64  # categories shown per section (most flagged first); the rest are counted
 MAX_TEXT = 300  # characters kept of an id, source or category name (records are untrusted)
-_PROVENANCE = ("method", "patches", "model", "anchors_sha256")
+from guardalign.records import PROVENANCE as _PROVENANCE
 
 
 class Bad(ValueError):

@@ -10,15 +10,13 @@ import typer
 from typer.testing import CliRunner
 
 from cli.answer import answer_command
-from guardalign.commands.answer import AnswerSummary, answer, print_summary, read_prompts
+from guardalign.commands.answer import AnswerSummary, _tally, answer, print_summary, read_prompts
+from guardalign.records import ANSWER_RECORD, names
 from guardalign.errors import ConfigError, InputError
 from guardalign.models.judge import Judgement, RefusalMatcher
 from lvlm_fixtures import make_image, make_tiny_lvlm, make_unknown_family
 
-RECORD_FIELDS = {
-    "id", "prompt", "image", "image_sha256", "category", "status", "error", "response", "refused", "judge", "detection",
-    "prefix_attention", "model", "generation", "calibration", "anchors_sha256",
-}
+RECORD_FIELDS = set(names(ANSWER_RECORD))  # the one definition in guardalign.records
 NEW = 4  # max_new_tokens in these tests
 
 
@@ -127,7 +125,7 @@ def test_records_validate_and_purified_image_reaches_the_model(tmp_path, lv, det
         assert rec["response"] == response and rec["prefix_attention"] == curves
         assert rec["prefix_attention"] != expected(lv, image, anchor_set.prefix, rec["prompt"], spec)[1]
     assert (summary.ok, summary.errors, summary.exit_code) == (2, 0, 0)
-    assert summary.by_category["violence"].answered == 1 and summary.by_category["(none)"].purified == 1
+    assert summary.tally[("violence", "answered")] == 1 and summary.tally[("(none)", "purified")] == 1
 
 
 def test_no_purify_and_safe_images_keep_the_original(tmp_path, lv, detectors, anchor_set):
@@ -210,13 +208,15 @@ def test_read_prompts_from_stdin_resolves_against_cwd(tmp_path, monkeypatch):
 def test_summary_rates_by_category(capsys):
     s = AnswerSummary()
     base = {"status": "ok", "category": "weapons"}
-    s.add({**base, "refused": True, "judge": {"unsafe": False}, "detection": {"purified": True}})
-    s.add({**base, "refused": False, "judge": {"unsafe": True}, "detection": {"purified": False}})
-    s.add({"status": "ok", "refused": False, "judge": None, "detection": {"purified": True}})
-    s.add({"status": "error", "id": "z", "error": "boom"})
-    w = s.by_category["weapons"]
-    assert (w.answered, w.refused, w.judged, w.judge_unsafe, w.purified) == (2, 1, 2, 1, 1)
-    assert s.by_category["(none)"].purified == 1 and (s.ok, s.errors, s.exit_code) == (3, 1, 3)
+    for rec in ({**base, "refused": True, "judge": {"unsafe": False}, "detection": {"purified": True}},
+                {**base, "refused": False, "judge": {"unsafe": True}, "detection": {"purified": False}},
+                {"status": "ok", "refused": False, "judge": None, "detection": {"purified": True}},
+                {"status": "error", "id": "z", "error": "boom"}):
+        s.add(rec)
+        _tally(rec, s.tally)
+    w = {k: s.tally[("weapons", k)] for k in ("answered", "refused", "judged", "judge_unsafe", "purified")}
+    assert list(w.values()) == [2, 1, 2, 1, 1]
+    assert s.tally[("(none)", "purified")] == 1 and (s.ok, s.errors, s.exit_code) == (3, 1, 3)
     print_summary(s, judged=True)
     err = capsys.readouterr().err
     assert "weapons" in err and "1 (50%)" in err and "error z: boom" in err
