@@ -37,3 +37,38 @@ class FittedFor:
     def to_dict(self) -> dict:
         """The recorded settings only (keys with a value)."""
         return {k: getattr(self, k) for k in FITTED_KEYS if getattr(self, k) is not None}
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """(model, pretrained) of an encoder name as ``load_encoder`` builds it: ``"<model>:<pretrained>"``, or
+    just ``<model>`` for ``hf-hub:``/``local-dir:`` models, whose weights come with the model."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return name, None
+    model, sep, pretrained = name.partition(":")
+    return model, (pretrained if sep else None)
+
+
+def fitted_settings(settings: dict) -> dict:
+    """The ``fitted_for`` keys of a detector's settings (``Detector.settings()``, which every record carries).
+
+    ``grid`` and ``stride`` only matter, and are only kept, for ``patches: grid``; patch settings only for
+    ``method: ot``.
+    """
+    out: dict = {}
+    if isinstance(settings.get("model"), str):
+        model, pretrained = split_model_name(settings["model"])
+        out["model"] = model
+        if pretrained is not None:
+            out["pretrained"] = pretrained
+    for key in ("method", "patches", "grid", "stride"):
+        if settings.get(key) is not None:
+            out[key] = settings[key]
+    if "stride" in out and isinstance(out["stride"], (int, float)) and not isinstance(out["stride"], bool):
+        out["stride"] = float(out["stride"])
+    if out.get("method") == "global":
+        for key in ("patches", "grid", "stride"):
+            out.pop(key, None)
+    elif out.get("patches") == "dense":
+        out.pop("grid", None)
+        out.pop("stride", None)
+    return out

@@ -114,6 +114,24 @@ class Detector:
         cfg["scales"] = list(cfg["scales"])
         return {**self.provenance, **cfg}
 
+    def fitted_for_warning(self) -> str | None:
+        """One line when the anchors' τ was fitted (``fitted_for``, written by calibrate) for other settings
+        than this detector's, else None. None too when τ is not used: a ``tau`` override, or ``method: global``."""
+        from guardalign.detection.anchor_defaults import fitted_settings
+
+        fitted = self.anchors.fitted_for
+        if fitted is None or self.config.tau is not None or self.config.method != "ot":
+            return None
+        now = fitted_settings(self.settings())
+        then = fitted.to_dict()
+        differ = [k for k, v in then.items() if k in now and now[k] != v]
+        if not differ:
+            return None
+        was = ", ".join(f"{k}={then[k]}" for k in differ)
+        is_ = ", ".join(f"{k}={now[k]}" for k in differ)
+        return (f"anchors {self.anchors.source} were fitted for {was}, but this run uses {is_}: their τ may not "
+                "carry over; refit with `guardalign calibrate` using these settings, or pass --tau")
+
     def with_config(self, **changes: Any) -> "Detector":
         """A detector sharing this one's encoder and text embeddings, with some DetectConfig fields changed."""
         clone = object.__new__(Detector)
