@@ -12,4 +12,5 @@ def test_cpu_only_torch_hint_comes_before_the_package_install():
     assert hint in text
     block = text[text.index(hint):]
     assert block.index("pip install -e .") < block.index("```")  # the next command of the same block
-    assert "GPU" in text[: text.index(hint)].rsplit("```", 1)[-1]  # and the prose before it says who it is for
+    prose = text[: text.index(hint)].rsplit("```", 2)[-2]  # the paragraph before the code block
+    assert "GPU" in prose and "CPU" in prose
