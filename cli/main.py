@@ -12,6 +12,7 @@ from cli import calibrate as _calibrate
 from cli import mask as _mask
 from cli import report as _report
 from cli import scan as _scan
+from cli._common import Command, Group
 
 app = typer.Typer(
     name="guardalign",
@@ -29,8 +30,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=Group,
 )
-
 
 
 def _version(value: bool) -> None:
@@ -48,11 +49,11 @@ def _root(
     """Keep unsafe images out of vision-language models and the datasets they train on."""
 
 
-app.command("scan", no_args_is_help=True)(_scan.scan_command)
-app.command("mask", no_args_is_help=True)(_mask.mask_command)
-app.command("answer", no_args_is_help=True)(_answer.answer_command)
-app.command("report", no_args_is_help=True)(_report.report_command)
-app.command("calibrate", no_args_is_help=True)(_calibrate.calibrate_command)
+app.command("scan", cls=Command, no_args_is_help=True)(_scan.scan_command)
+app.command("mask", cls=Command, no_args_is_help=True)(_mask.mask_command)
+app.command("answer", cls=Command, no_args_is_help=True)(_answer.answer_command)
+app.command("report", cls=Command, no_args_is_help=True)(_report.report_command)
+app.command("calibrate", cls=Command, no_args_is_help=True)(_calibrate.calibrate_command)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper for ``python -m cli.main``
