@@ -39,7 +39,7 @@ def report_command(
     title: Optional[str] = typer.Option(None, "--title", help="Report title."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line on stderr."),
 ) -> None:
-    from guardalign.reporting.collect import report
+    from guardalign.commands.report import report
 
     summary = call(
         report, records=records, out=out, format=format, max_thumbnails=max_thumbnails, max_rows=max_rows,

@@ -27,19 +27,14 @@ rerun skips items the manifest records as complete, so a crashed run can simply 
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 from guardalign.config import DetectConfig, EncoderConfig
 from guardalign.errors import ConfigError, InputError
-from guardalign.commands.mask_job import (  # noqa: F401 (names re-exported from here)
-    DONE, MANIFEST, TMP_SUFFIX, MaskSummary, _arrow_error, _cell_rel, _entry, _parquet_base, _ParquetOut, _RunState,
-    WITHHELD, atomic_write, print_summary, safe_relpath,
-)
-
-_SCAN_KEEP = ("status", "error", "verdict", "category", "boxes", "box_categories", "unsafe_patches",
-              "patch_boxes", "patch_scores", "threshold", "width", "height", "method", "sha256")
+from guardalign.pipeline.mask_out import MANIFEST, inside, safe_relpath  # noqa: F401 (safe_relpath re-exported)
+from guardalign.pipeline.mask_stage import MaskStage, MaskSummary
+from guardalign.records import MASK_NEEDS
 
 
 def mask(
@@ -79,9 +74,11 @@ def mask(
     input folder (unless ``force``), unusable inputs or model, or a ``from_scan`` file whose provenance
     (model, anchors sha256) differs from the detector these flags build. ``detector`` reuses a loaded one.
     """
-    from guardalign.pipeline.progress import progress_bar
     from guardalign.detection.purify import FILLS
+    from guardalign.io.sinks import open_sink, read_records
     from guardalign.io.sources import count_items, iter_items
+    from guardalign.pipeline.mask_out import compact_manifest, remove_stale_tmp
+    from guardalign.pipeline.runner import run_job
 
     if fill not in FILLS:
         raise ConfigError(f"invalid --fill {fill!r}: expected one of {', '.join(FILLS)}")
@@ -103,24 +100,42 @@ def mask(
                                          device=device, precision=precision, **asdict(cfg))
     index = _load_scan(from_scan, detector.provenance) if from_scan is not None else None
     total = None if "-" in inputs else count_items(list(inputs), image_column=image_column, id_column=id_column)
-
-    job = _Job(root, inputs, fill=fill, dilate=dilate, overlay=overlay, only_unsafe=only_unsafe,
-               overwrite=overwrite, mean=tuple(detector.encoder.mean))
-    start = time.perf_counter()
-    with progress_bar("mask", total, enabled=progress) as advance:
-        job.advance = advance
-        try:
-            for item, image, info, rec in _with_records(job.todo(items), detector, index, workers, batch_size):
-                job.handle(item, image, info, rec)
-                advance(1)
-        except BaseException:
-            job.abort()  # an interrupted Parquet output must not be completed with unprocessed rows
-            raise
-        job.close()
-    job.summary.seconds = time.perf_counter() - start
+    settings = {"fill": fill, "dilate": dilate, "overlay": overlay, "only_unsafe": only_unsafe,
+                "detector": detector.settings() if index is None else None,
+                "from_scan": str(Path(from_scan).resolve()) if from_scan is not None else None}
+    stage = MaskStage(root, inputs, fill=fill, dilate=dilate, overlay=overlay, only_unsafe=only_unsafe,
+                      overwrite=overwrite, mean=tuple(detector.encoder.mean), settings=settings, detector=detector,
+                      index=index, batch_size=batch_size if index is None else 64)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = open_sink(str(root / MANIFEST), "jsonl", resume=True)
+    manifest.claim()  # one run per out_dir: locked before anything is read, written or cleaned up
+    previous = {str(e.get("id")): e for e in read_records(root / MANIFEST)}  # the last line per id counts
+    if overwrite:  # entries made with other settings are redone (and their outputs replaced), not refused
+        previous = {k: e for k, e in previous.items() if e.get("settings") == settings}
+    remove_stale_tmp(root)  # safe now: no other run can own a temp file here
+    summary = MaskSummary()
+    todo = _outside_out_dir(items, root, inputs, summary)
+    with manifest:
+        run_job(todo, stage, manifest, previous=previous.values(), done_if=stage.finished,
+                out=f"--out-dir {out_dir}", total=total, workers=workers, progress=progress, summary=summary,
+                decode=_decode_unchanged(index) if index is not None else True)
+    compact_manifest(root / MANIFEST)
     if progress:
-        print_summary(job.summary, root)
-    return job.summary
+        print_summary(summary, root)
+    return summary
+
+
+def _outside_out_dir(items: Iterator, root: Path, inputs: Sequence[str], summary: MaskSummary) -> Iterator:
+    """With --force, out_dir may lie inside an input folder: files there are outputs, not inputs (counted)."""
+    if not any(g != "-" and Path(g).is_dir() and inside(str(root), Path(g).resolve()) for g in inputs):
+        yield from items
+        return
+    for item in items:
+        src = item.meta.get("parquet") or (str(item.path) if item.path is not None else None)
+        if src is not None and inside(src, root):
+            summary.tally["excluded"] += 1
+            continue
+        yield item
 
 
 # ----------------------------------------------------------------------------- checks done before writing
@@ -159,58 +174,25 @@ def _load_scan(path: str, provenance: dict[str, str]) -> dict[str, dict]:
                         f"--from-scan {path}: record {n} (id {rec['id']!r}) was scanned with {what} "
                         f"{rec.get(key)!r}, but these flags give {provenance[key]!r}. Pass the --anchors, "
                         "--clip-model and --pretrained the scan used, or mask without --from-scan to rescan.")
-        index[str(rec["id"])] = {k: rec.get(k) for k in _SCAN_KEEP}
+        index[str(rec["id"])] = {k: rec.get(k) for k in MASK_NEEDS}
     return index
 
 
-# ----------------------------------------------------------------------------- records (reused or inline)
+# ----------------------------------------------------------------------------- reused scan records
 
 
-def _with_records(items: Iterator, detector, index: dict | None, workers: int, batch_size: int) -> Iterator[tuple]:
-    """Yield (item, image | None, info | None, scan record) in input order; images only where needed."""
-    if index is not None:
-        yield from _reused(items, index)
-        return
-    from guardalign.io.sources import decode_stream
+def _decode_unchanged(index: dict):
+    """The runner's decode step for --from-scan: read the bytes, check them against the scan, decode if unsafe."""
+    from guardalign.records import Decoded
 
-    batch: list = []
-    for decoded in decode_stream(items, workers=workers, prefetch=max(64, 2 * batch_size)):
-        batch.append(decoded)
-        if len(batch) >= batch_size:
-            yield from _detect_batch(batch, detector)
-            batch = []
-    if batch:
-        yield from _detect_batch(batch, detector)
-
-
-def _detect_batch(batch: list, detector) -> Iterator[tuple]:
-    good = [d for d in batch if d.image is not None and d.error is None]
-    good_ids = {id(d) for d in good}  # identity: Decoded's dataclass __eq__ would compare pixels
-    try:
-        dets, failure = iter(detector.detect([d.image for d in good])), None
-    except Exception as exc:  # one failed batch costs its items, not the run
-        dets, failure = iter(()), f"detector failed on this batch: {type(exc).__name__}: {exc}"
-    for d in batch:
-        error = d.item.error or d.error or (failure if id(d) in good_ids else None)
-        rec = {"status": "error", "error": error} if error else \
-            {"status": "ok", **next(dets).to_record(), "sha256": d.info.sha256}
-        yield d.item, d.image, d.info, rec
-
-
-def _reused(items: Iterator, index: dict) -> Iterator[tuple]:
-    """Pair items with their scan records; an image whose bytes differ from the scanned ones is an error."""
-    for item in items:
+    def decode(item) -> Decoded:
         rec = index.get(item.id)
-        if item.error:
-            rec = {"status": "error", "error": item.error}
-        elif rec is None:
-            rec = {"status": "error", "error": "id not found in the --from-scan records"}
-        image = info = None
-        if rec.get("status") == "ok":
-            item, image, info, error = _check_unchanged(item, rec)
-            if error:
-                rec = {"status": "error", "error": f"{error}: it changed since the scan; rescan it"}
-        yield item, image, info, rec
+        if rec is None or rec.get("status") != "ok":
+            return Decoded(item, None, None, None)  # the stage gives the record's error
+        item, image, info, error = _check_unchanged(item, rec)
+        return Decoded(item, image, info, f"{error}: it changed since the scan; rescan it" if error else None)
+
+    return decode
 
 
 def _check_unchanged(item, rec: dict) -> tuple:
@@ -237,132 +219,13 @@ def _check_unchanged(item, rec: dict) -> tuple:
     return item, image, info, None
 
 
-# ----------------------------------------------------------------------------- the job
+def print_summary(summary: MaskSummary, root: Path) -> None:
+    """What was purified, copied, skipped, resumed, and what failed (a rich table on stderr)."""
+    from guardalign.pipeline.summary import print_summary as show
 
-
-class _Job(_RunState):
-    """One run of ``mask``: what is written for each item, on top of the run state of :class:`_RunState`."""
-
-    # -- one item
-    def handle(self, item, image, info, rec: dict) -> None:
-        entry = _entry(item, "error", rec=rec, fill=self.fill, dilate=self.dilate)
-        pq_path = item.meta.get("parquet")
-        if self.parquet is not None and self.parquet.src != pq_path:
-            self._finish_parquet()
-        try:
-            if pq_path is not None and "cell_kind" not in item.meta:  # the Parquet file itself is unreadable
-                if self.parquet is not None:
-                    self._fail_parquet(str(rec.get("error") or item.error))
-            elif pq_path is not None:
-                self._parquet_row(item, image, info, rec, entry)
-            elif rec.get("status") == "ok":
-                self._file(item, image, info, rec, entry)
-        except (OSError, ValueError, _arrow_error()) as exc:
-            entry.update(status="error", error=f"cannot write output: {type(exc).__name__}: {exc}")
-            if self.parquet is not None and pq_path == self.parquet.src:  # never pass an unpurified row on
-                self._fail_parquet(f"row {item.meta.get('row')}: {type(exc).__name__}: {exc}")
-        self._record(item, entry)
-        if self.parquet is not None and entry["output"] == self.parquet.rel and entry["status"] in DONE:
-            self.parquet.done.append(entry)  # corrected in the manifest if the output is abandoned later
-
-    def _file(self, item, image, info, rec: dict, entry: dict) -> None:
-        given_file = item.id in self.inputs and item.id != "-" and not Path(item.id).is_dir()
-        rel, changed = safe_relpath(Path(item.id).name if given_file else item.id)
-        if changed:
-            entry["sanitized"] = True
-            entry["notes"].append(f"path {item.id!r} sanitised to {rel!r} to stay inside --out-dir")
-        if rec["verdict"] == "safe":
-            if self.only_unsafe:
-                entry["status"] = "skipped"
-                return
-            self._put(rel, item.data, item, entry, "copied")
-            return
-        data, ext = self._purify(item, image, info, rec, entry)
-        rel = rel if ext is None else rel + ext
-        if self._put(rel, data, item, entry, "purified"):
-            self._overlay(rel + ".overlay.png", image, rec, entry, item)
-
-    def _purify(self, item, image, info, rec: dict, entry: dict) -> tuple[bytes, str | None]:
-        """Masked, re-encoded bytes; ext is the suffix to append when the format could not be kept."""
-        from guardalign.detection.purify import KEEP_FORMATS, apply_fill, boxes_to_fill, encode_image, pixel_box
-
-        boxes = boxes_to_fill(rec.get("boxes") or [], image.size)
-        if not rec.get("boxes"):
-            entry["notes"].append("no patch boxes (method=global): the whole image is masked")
-        entry["boxes"] = [list(b) for b in (pixel_box(x, image.size, self.dilate) for x in boxes) if b is not None]
-        original = item.data
-        masked = apply_fill(image, boxes, self.fill, self.mean, self.dilate)
-        data, fmt, notes = encode_image(masked, info.format, original)
-        entry["notes"].extend(notes)
-        if info.frames > 1:
-            entry["notes"].append(f"animated image: only the scanned first frame of {info.frames} is kept")
-        return data, (None if fmt == info.format else KEEP_FORMATS[fmt])
-
-    def _overlay(self, rel: str, image, rec: dict, entry: dict, item) -> None:
-        if not self.overlay:
-            return
-        import io
-
-        from guardalign.detection.purify import overlay
-
-        if rec.get("patch_boxes"):
-            args = (rec["patch_boxes"], rec["patch_scores"], rec.get("unsafe_patches") or [],
-                    rec.get("box_categories") or [], rec.get("threshold"))
-        else:  # global method: one whole-image box
-            args = ([[0, 0, image.width, image.height]], [0.0], [0], [rec.get("category") or "unsafe"], None)
-        buf = io.BytesIO()
-        overlay(image, *args).save(buf, format="PNG")
-        out: dict = {}
-        if self._put(rel, buf.getvalue(), item, out, "purified", key="overlay"):
-            entry["overlay"] = rel
-            self.summary.overlays += 1
-        else:
-            entry["notes"].append(f"overlay not written: {out['error']}")
-
-    # -- Parquet rows
-    def _parquet_row(self, item, image, info, rec: dict, entry: dict) -> None:
-        """Struct/binary cells get the purified bytes; path cells point at files written beside the output."""
-        src, row, kind = item.meta["parquet"], item.meta["row"], item.meta["cell_kind"]
-        if self.parquet is None:
-            rel = safe_relpath(_parquet_base(src, self.inputs))[0]
-            self.parquet = _ParquetOut(src, rel, item.meta["column"], kind, self)
-        pq_out = self.parquet
-        if pq_out.failed:
-            entry["error"] = f"the output Parquet file is not written ({pq_out.failed})"
-            return
-        pq_out.flush_until(row)
-        entry.update(output=pq_out.rel, row=row)
-        if rec.get("status") != "ok" or (rec["verdict"] == "safe" and self.only_unsafe):
-            if self.only_unsafe:
-                entry["output"] = None
-                entry["status"] = "error" if rec.get("status") != "ok" else "skipped"
-            else:
-                pq_out.keep(row, WITHHELD)  # never pass on bytes that were not verified
-                entry["notes"].append("row kept in the output Parquet with its image cell null")
-            return
-        safe = rec["verdict"] == "safe"
-        entry["status"] = "copied" if safe else "purified"
-        data, ext = (item.data if kind == "path" else None, None) if safe else \
-            self._purify(item, image, info, rec, entry)
-        if kind == "path":
-            ok, cell = self._path_cell(item, pq_out, entry, data, ext, entry["status"])
-            if not ok:  # the row stays unprocessed, so this Parquet output is abandoned (never a stale path)
-                return
-        else:
-            cell = None if safe else {"bytes": data} if kind == "struct" else data
-        pq_out.keep(row, cell)
-        if not safe:
-            self._overlay(f"{pq_out.rel}.overlays/{row}.overlay.png", image, rec, entry, item)
-
-    def _path_cell(self, item, pq_out, entry: dict, data: bytes, ext: str | None, status: str) -> tuple[bool, Any]:
-        """Write a path-kind image beside the output Parquet; (written, new cell text or None if unchanged)."""
-        cell_rel = _cell_rel(item, Path(item.meta["parquet"]).parent)
-        rel, changed = safe_relpath(cell_rel)
-        rel = rel if ext is None else rel + ext
-        base = pq_out.rel.rpartition("/")[0]
-        if not self._put(f"{base}/{rel}" if base else rel, data, item, entry, status, key="image_file"):
-            return False, None
-        if changed:
-            entry["sanitized"] = True
-            entry["notes"].append(f"image path {cell_rel!r} sanitised to {rel!r}; the cell now holds {rel!r}")
-        return True, (rel if (changed or ext is not None) else None)
+    rows = [(what, str(n)) for what, n in (
+        ("purified (unsafe)", summary.purified), ("copied (safe)", summary.copied),
+        ("skipped (--only-unsafe)", summary.skipped), ("overlays", summary.overlays),
+        ("paths sanitised", summary.sanitized), ("not overwritten (exists)", summary.conflicts),
+        ("excluded (inside --out-dir)", summary.excluded)) if n or what.startswith(("purified", "copied"))]
+    show(summary, title=f"guardalign mask → {root}", extra_rows=rows, verdicts=False)

@@ -56,15 +56,24 @@ def _short(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+_NOISY_LOGGERS = ("open_clip", "huggingface_hub", "timm", "root")
+
+
 @contextlib.contextmanager
 def _quiet_logging():
-    """Silence open_clip/huggingface log lines while loading; failures become one ModelLoadError."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
+    """Silence open_clip/huggingface log lines while loading; failures become one ModelLoadError.
+
+    Only these libraries' loggers are raised for the block and restored after it (no ``logging.disable``).
+    """
+    loggers = [logging.getLogger(n) if n != "root" else logging.getLogger() for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        logging.disable(previous)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlparse
@@ -22,19 +23,26 @@ _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 
 
 def hub_unreachable(timeout: float = 2.0) -> bool:
-    """True when the Hub endpoint's host name cannot be resolved and no proxy would resolve it for us."""
+    """True when the Hub endpoint's host name cannot be resolved and no proxy would resolve it for us.
+
+    The lookup runs in a helper thread joined with ``timeout``, so no process-wide socket timeout is touched.
+    """
     if any(os.environ.get(v) for v in _PROXY_VARS):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        socket.getaddrinfo(host, 443)
-        return False
-    except OSError:
-        return True
-    finally:
-        socket.setdefaulttimeout(previous)
+    result: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            result.append(False)
+        except OSError:
+            result.append(True)
+
+    worker = threading.Thread(target=lookup, name="guardalign-hub-lookup", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return result[0] if result else True  # no answer within the timeout: as good as unreachable
 
 
 @contextmanager
@@ -50,11 +58,12 @@ def offline_if_unreachable() -> Iterator[bool]:
         yield False
         return
     # HF_HUB_OFFLINE is read from the environment at import time; its module constant is the live switch.
+    previous = hub_constants.HF_HUB_OFFLINE
     hub_constants.HF_HUB_OFFLINE = True
     try:
         yield True
     finally:
-        hub_constants.HF_HUB_OFFLINE = False
+        hub_constants.HF_HUB_OFFLINE = previous
 
 
 def looks_like_path(model: str) -> bool:

@@ -166,9 +166,15 @@ def load_lvlm(model: str, *, device: str = "auto", dtype: str = "auto", revision
     cls = getattr(transformers, FAMILIES[family][0])
     from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr belongs to guardalign's own progress bar and summary
-    net = _from_pretrained(cls.from_pretrained, model, revision=revision, dtype=torch_dtype, attn_implementation=impl)
-    processor = _from_pretrained(AutoProcessor.from_pretrained, model, revision=revision)
+    try:
+        net = _from_pretrained(cls.from_pretrained, model, revision=revision, dtype=torch_dtype,
+                               attn_implementation=impl)
+        processor = _from_pretrained(AutoProcessor.from_pretrained, model, revision=revision)
+    finally:
+        if bars_were_on:  # restore the caller's setting: a library call leaves no process-wide state behind
+            hf_logging.enable_progress_bar()
     tok = processor.tokenizer
     tok.padding_side = "left"
     if tok.pad_token is None:

@@ -101,17 +101,18 @@ class RunSummary:
             return EXIT_EMPTY
         return EXIT_UNREADABLE if self.errors else EXIT_OK
 
-    def add(self, record: dict[str, Any], *, this_run: bool = True) -> None:
-        self.total += 1
-        if record.get("status") == "error":
-            self.errors += 1
-            if this_run:
+    def add(self, record: dict[str, Any], *, this_run: bool = True, sign: int = 1) -> None:
+        """Count ``record`` (``sign=-1`` takes back a record that a stage has corrected)."""
+        self.total += sign
+        if failed(record):
+            self.errors += sign
+            if this_run and sign > 0:
                 self.error_list.append((str(record.get("id")), str(record.get("error"))))
             return
-        self.ok += 1
+        self.ok += sign
         if record.get("verdict") == "unsafe":
-            self.unsafe += 1
-            self.by_category[record.get("category") or "?"] += 1
+            self.unsafe += sign
+            self.by_category[record.get("category") or "?"] += sign
 
     def apply_gates(self, gates: Gates) -> None:
         if gates.fail_on_unsafe and self.unsafe:
@@ -124,6 +125,11 @@ class RunSummary:
         elif gates.active and self.ok == 0:
             self.empty_under_gate = True
             self.gate_reason = "a gate is set but no image was scanned: nothing to vouch for"
+
+
+def failed(record: dict[str, Any]) -> bool:
+    """An error record, or any record that says why it has no output (e.g. mask's ``exists``)."""
+    return record.get("status") == "error" or bool(record.get("error"))
 
 
 def settings_diff(previous: Any, current: dict[str, Any]) -> list[str]:
@@ -154,6 +160,7 @@ def run_job(
     sink: Sink,
     *,
     previous: Iterable[dict[str, Any]] = (),
+    done_if: Callable[[dict[str, Any]], bool] | None = None,
     out: str = "the output",
     total: int | None = None,
     workers: int = 4,
@@ -161,45 +168,77 @@ def run_job(
     progress: bool = True,
     gates: Gates = Gates(),
     decode: Callable[[Item], Decoded] | bool = True,
+    summary: RunSummary | None = None,
 ) -> RunSummary:
     """Run ``stage`` over ``items`` into ``sink``; return the summary with gates applied.
 
-    ``previous`` are the records already in the output (resume): each must carry this run's settings.
-    ``decode`` is True (full image decode in threads), False (no decoding: the stage reads what it needs),
-    or a function ``Item -> Decoded``. ``total`` (items, resumed ones included) sizes the progress bar.
-    The sink is written once per batch; an exception from it (an output that cannot be written) ends the run.
+    ``previous`` are the records already in the output (resume): each must carry this run's settings, and
+    those for which ``done_if`` holds (all, by default) are counted and not redone. ``decode`` is True (full
+    image decode in threads), False (the stage reads what it needs), or a function ``Item -> Decoded``.
+    ``total`` (items, resumed ones included) sizes the progress bar. Optional stage hooks: ``account(record,
+    tally, sign)`` for stage counts, ``drain()`` for (old, new) corrections of records already written,
+    ``close()`` at the end and ``abort()`` on an exception. An exception from the sink (an output that cannot
+    be written) ends the run.
     """
     from guardalign.pipeline.progress import progress_bar
 
     settings = stage.settings()
-    summary = RunSummary(name=stage.name)
+    summary = summary if summary is not None else RunSummary()
+    summary.name = stage.name
     done: set[str] = set()
     for rec in previous:
         check_settings(rec, settings, out)
-        done.add(str(rec.get("id")))
-        summary.add(rec, this_run=False)
-        _account(stage, rec, summary)
-    start = time.perf_counter()
-    with progress_bar(stage.name, total, enabled=progress, unit=stage.unit, completed=0) as advance:
-        todo = _dedupe(items, done, summary, advance)
-        for records in _record_batches(todo, stage, workers, prefetch, decode):
-            for rec in records:
-                rec["settings"] = settings
-            sink.write(records)
-            for rec in records:
-                summary.add(rec)
+        if done_if is None or done_if(rec):
+            done.add(str(rec.get("id")))
+            summary.add(rec, this_run=False)
+            if getattr(stage, "account_previous", True):
                 _account(stage, rec, summary)
-            summary.processed += len(records)
-            advance(len(records))
+    start = time.perf_counter()
+    with progress_bar(stage.name, total, enabled=progress, unit=stage.unit) as advance:
+        try:
+            todo = _dedupe(items, done, summary, advance)
+            for records in _record_batches(todo, stage, workers, prefetch, decode):
+                _emit(records, stage, sink, summary, settings)
+                advance(len(records))
+            if hasattr(stage, "close"):
+                stage.close()
+            _emit([], stage, sink, summary, settings)
+        except BaseException:
+            if hasattr(stage, "abort"):
+                stage.abort()
+            raise
     summary.seconds = time.perf_counter() - start
     summary.apply_gates(gates)
     return summary
 
 
-def _account(stage: Stage, record: dict[str, Any], summary: RunSummary) -> None:
+def _emit(records: list[dict[str, Any]], stage: Stage, sink: Sink, summary: RunSummary,
+          settings: dict[str, Any]) -> None:
+    """Write a batch's records and any corrections the stage made to earlier ones; count them."""
+    corrections = stage.drain() if hasattr(stage, "drain") else []
+    for rec in records:
+        rec["settings"] = settings
+    rewritten = [new for old, new in corrections if old is not None]
+    for rec in rewritten:
+        rec["settings"] = settings
+    if records or rewritten:
+        sink.write(records + rewritten)
+    for rec in records:
+        summary.add(rec)
+        _account(stage, rec, summary)
+    summary.processed += len(records)
+    for old, new in corrections:
+        if old is not None:  # the entry is replaced; a correction without one is a run-level error
+            summary.add(old, sign=-1)
+            _account(stage, old, summary, -1)
+            _account(stage, new, summary)
+        summary.add(new)
+
+
+def _account(stage: Stage, record: dict[str, Any], summary: RunSummary, sign: int = 1) -> None:
     account = getattr(stage, "account", None)
     if account is not None:
-        account(record, summary.tally)
+        account(record, summary.tally, sign) if sign != 1 else account(record, summary.tally)
 
 
 def _dedupe(items: Iterable[Item], done: set[str], summary: RunSummary, advance) -> Iterator[Item]:

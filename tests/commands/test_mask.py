@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from cli.mask import mask_command
 from guardalign.errors import ConfigError
-from guardalign.commands.mask import MANIFEST, TMP_SUFFIX, mask, safe_relpath
+from guardalign.commands.mask import mask
+from guardalign.pipeline.mask_out import MANIFEST, TMP_SUFFIX, safe_relpath
 from guardalign.detection.purify import FILLS, mean_fill_value, thumbnail_size
 
 
@@ -570,7 +571,7 @@ class _Interrupting:
 
     def __init__(self, inner, after: int):
         self.inner, self.after, self.calls = inner, after, 0
-        self.encoder, self.provenance = inner.encoder, inner.provenance
+        self.encoder, self.provenance, self.settings = inner.encoder, inner.provenance, inner.settings
 
     def detect(self, images):
         self.calls += 1

@@ -181,6 +181,32 @@ def test_existing_output_is_not_clobbered(tmp_path, model_args):
     assert out.read_text() == '{"id": "keep me"}\n'
 
 
+def test_resume_with_changed_settings_exits_2_naming_them(tmp_path, model_args):
+    make_good_images(tmp_path / "in", n=3)
+    out = tmp_path / "o.jsonl"
+    assert run([str(tmp_path / "in"), "--out", str(out), "--tau", "0.5", *model_args]).exit_code == 0
+    before = out.read_bytes()
+    res = run([str(tmp_path / "in"), "--out", str(out), "--resume", "--tau", "0.7", "--patches", "dense", *model_args])
+    assert res.exit_code == 2, res.output
+    assert "tau: 0.5 → 0.7" in res.output and 'patches: "grid" → "dense"' in res.output
+    assert out.read_bytes() == before  # nothing appended
+    res = run([str(tmp_path / "in"), "--out", str(out), "--resume", "--tau", "0.5", *model_args])
+    assert res.exit_code == 0 and out.read_bytes() == before  # same settings: every id already done
+
+
+def test_overwrite_null_separated_stdin_and_format_from_name(tmp_path, model_args):
+    paths = make_good_images(tmp_path / "in", n=2)
+    out = tmp_path / "o.parquet"
+    names = "\0".join(str(p) for p in sorted(paths)) + "\0"
+    res = run(["-", "-0", "--out", str(out), *model_args], input=names)
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:4] == b"PAR1"  # inferred from the name, not JSONL in a .parquet file
+    assert run(["-", "-0", "--out", str(out), *model_args], input=names).exit_code == 2  # exists
+    assert run(["-", "-0", "--out", str(out), "--overwrite", *model_args], input=names).exit_code == 0
+    res = run([str(tmp_path / "in"), "--out", str(tmp_path / "x.parquet"), "--format", "jsonl", *model_args])
+    assert res.exit_code == 2 and "disagrees" in res.output
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9_gives_every_id_exactly_once(tmp_path, tiny_clip_config, tiny_clip_checkpoint):
     make_good_images(tmp_path / "in", n=120, size=(16, 16))
