@@ -1,13 +1,12 @@
 """Output side of ``guardalign calibrate``: what the fit was made for, small-sample warnings, the report.
 
+``res`` arguments are ``guardalign.commands.calibrate.CalibrationResult`` objects.
+
 Kept apart from calibrate.py (reading, scoring, fitting) so that each stays a screenful of functions.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from guardalign.commands.calibrate import CalibrationResult
+from typing import Any
 
 MAX_SHOWN_ISSUES = 20
 
@@ -16,7 +15,7 @@ def fitted_for(records: list[dict]) -> dict:
     """The settings every scored record agrees on ({model, pretrained, method, patches, grid, stride}), from
     the ``settings`` each record carries (else its own ``model``/``method``/``patches``); a key on which the
     records differ, or that none records, is left out."""
-    from guardalign.detection.anchor_defaults import fitted_settings
+    from guardalign.detection.anchor_schema import fitted_settings
 
     seen: dict[str, set] = {}
     for rec in records:
@@ -30,7 +29,7 @@ def fitted_for(records: list[dict]) -> dict:
 MIN_PER_LABEL = 30  # fewer labelled images of a class than this: the fitted threshold gets a warning
 
 
-def small_sample_warnings(res: "CalibrationResult") -> list[str]:
+def small_sample_warnings(res: Any) -> list[str]:
     """One line per problem: too few unsafe or safe images (with the 95% intervals of the chosen TPR and FPR),
     a target FPR finer than the safe images can measure, categories fitted on too few positives."""
     out = []
@@ -51,7 +50,7 @@ def small_sample_warnings(res: "CalibrationResult") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def print_report(res: "CalibrationResult") -> None:
+def print_report(res: Any) -> None:
     """ROC table, AUROC with its interval, per-category fits and skipped lines, on stderr (rich)."""
     from rich.table import Table
 

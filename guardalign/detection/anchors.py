@@ -20,31 +20,18 @@ import hashlib
 import json
 import math
 import numbers
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from guardalign.detection.anchor_defaults import (  # noqa: F401 (re-exported)
-    DEFAULT_PREFIX, DEFAULT_REFUSAL_PHRASES, DEFAULT_TAU, DEFAULTS, FITTED_KEYS, FittedFor,
+from guardalign.detection.anchor_schema import (  # noqa: F401 (re-exported)
+    CATEGORY_KEYS, CATEGORY_REQUIRED, DEFAULT_PREFIX, DEFAULT_REFUSAL_PHRASES, DEFAULT_TAU, DEFAULTS, FITTED_KEYS,
+    MAX_CATEGORIES, MAX_DEPTH, MAX_FILE_BYTES, MAX_PREFIX_CHARS, MAX_REFUSAL_PHRASES, MAX_TEXT_CHARS, MAX_VARIANTS,
+    NAME_RE, SUPPORTED_VERSIONS, TOP_KEYS, TOP_REQUIRED, FittedFor, check_depth,
 )
 from guardalign.errors import ConfigError
 
-SUPPORTED_VERSIONS = (1,)
-MAX_FILE_BYTES = 4 * 1024 * 1024  # anchor files are small; refuse anything larger
-MAX_CATEGORIES = 256
-MAX_VARIANTS = 1024  # per category
-MAX_REFUSAL_PHRASES = 1024
-MAX_TEXT_CHARS = 2000  # per variant / description / refusal phrase
-MAX_PREFIX_CHARS = 20000
-MAX_DEPTH = 32  # YAML nesting depth; the schema needs 4 (top, categories, category, variants)
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-
-TOP_KEYS = ("version", "tau", "prefix", "refusal_phrases", "categories", "fitted_for")
-TOP_REQUIRED = ("categories",)
-CATEGORY_KEYS = ("name", "description", "variants", "tau")
-CATEGORY_REQUIRED = ("name", "variants")
 class AnchorError(ConfigError):
     """An anchors file that is missing, unreadable or invalid (exit 2)."""
 
@@ -151,7 +138,7 @@ def load_anchors(path: str | Path | None = None) -> AnchorSet:
 
 def parse_anchors(text: str, source: str = "<string>") -> AnchorSet:
     """Validate anchors YAML given as text; ``source`` names it in error messages."""
-    _check_depth(text, source)
+    check_depth(text, source, AnchorError)
     try:
         loader = yaml.SafeLoader(text)  # the reader already rejects non-printable characters
     except yaml.reader.ReaderError as e:
@@ -190,23 +177,6 @@ def _check_override(tau: float) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or not 0 <= tau <= 2:
         raise AnchorError(f"tau override {tau!r}: expected a number in [0, 2] (a cost 1 − cos; 0 flags nothing)")
     return float(tau)
-
-
-def _check_depth(text: str, source: str) -> None:
-    """Refuse YAML nested deeper than MAX_DEPTH before composing it (PyYAML's composer recurses per level,
-    so a file nested thousands deep would end in RecursionError). The event parser itself is iterative."""
-    depth = 0
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise AnchorError(f"{source}:{event.start_mark.line + 1}: YAML nested more than {MAX_DEPTH} "
-                                      "levels deep; an anchors file needs 4 (categories → category → variants)")
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                depth -= 1
-    except yaml.YAMLError:
-        return  # syntax errors are reported, with their line, by the real parse that follows
 
 
 def _yaml_error(source: str, e: yaml.MarkedYAMLError) -> AnchorError:

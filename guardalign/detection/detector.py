@@ -117,7 +117,7 @@ class Detector:
     def fitted_for_warning(self) -> str | None:
         """One line when the anchors' τ was fitted (``fitted_for``, written by calibrate) for other settings
         than this detector's, else None. None too when τ is not used: a ``tau`` override, or ``method: global``."""
-        from guardalign.detection.anchor_defaults import fitted_settings
+        from guardalign.detection.anchor_schema import fitted_settings
 
         fitted = self.anchors.fitted_for
         if fitted is None or self.config.tau is not None or self.config.method != "ot":

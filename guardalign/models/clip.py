@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guardalign.errors import ConfigError, ModelLoadError
+from guardalign.errors import ConfigError, ModelLoadError, warn
 from guardalign.models.patches import _value_path, dense_forward, dense_visual, grid_boxes, n_windows  # noqa: F401
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -117,8 +117,6 @@ def _resolve_weights(arch: str, label: str, pretrained: str) -> tuple[str | None
     import open_clip
 
     if pretrained.lower() == "none":
-        from guardalign.errors import warn
-
         warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces is "
              "meaningless; use it only for tests.")
         return None, "none", False

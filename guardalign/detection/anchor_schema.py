@@ -1,12 +1,29 @@
-"""Defaults of the optional anchors-YAML keys, and the ``fitted_for`` record (docs/anchors.md).
+"""The anchors-YAML schema: keys, limits, defaults of the optional keys, the ``fitted_for`` record (docs/anchors.md).
 
-Kept apart from the loader so that the documented values live in one short place; a test checks that
-the shipped ``anchors/default.yaml`` writes the same values.
+Kept apart from the loader (guardalign.detection.anchors) so that the documented values live in one short
+place; a test checks that the shipped ``anchors/default.yaml`` writes the same defaults.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import yaml
+
+SUPPORTED_VERSIONS = (1,)
+MAX_FILE_BYTES = 4 * 1024 * 1024  # anchor files are small; refuse anything larger
+MAX_CATEGORIES = 256
+MAX_VARIANTS = 1024  # per category
+MAX_REFUSAL_PHRASES = 1024
+MAX_TEXT_CHARS = 2000  # per variant / description / refusal phrase
+MAX_PREFIX_CHARS = 20000
+MAX_DEPTH = 32  # YAML nesting depth; the schema needs 4 (top, categories, category, variants)
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+TOP_KEYS = ("version", "tau", "prefix", "refusal_phrases", "categories", "fitted_for")
+TOP_REQUIRED = ("categories",)
+CATEGORY_KEYS = ("name", "description", "variants", "tau")
+CATEGORY_REQUIRED = ("name", "variants")
 FITTED_KEYS = ("model", "pretrained", "method", "patches", "grid", "stride")
 
 DEFAULT_TAU = 0.75  # the shipped starting point for ViT-B-32 / openai (anchors/default.yaml)
@@ -72,3 +89,20 @@ def fitted_settings(settings: dict) -> dict:
         out.pop("grid", None)
         out.pop("stride", None)
     return out
+
+
+def check_depth(text: str, source: str, error: type[Exception]) -> None:
+    """Refuse YAML nested deeper than MAX_DEPTH before composing it (PyYAML's composer recurses per level,
+    so a file nested thousands deep would end in RecursionError). The event parser itself is iterative."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise error(f"{source}:{event.start_mark.line + 1}: YAML nested more than {MAX_DEPTH} "
+                                      "levels deep; an anchors file needs 4 (categories → category → variants)")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        return  # syntax errors are reported, with their line, by the real parse that follows
