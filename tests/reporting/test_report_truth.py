@@ -229,3 +229,22 @@ def test_mask_manifest_is_a_mask_run_not_malformed(tmp_path, monkeypatch):
     assert run["boxes_filled"] == 6 and run["fills"] == {"mean": 15} and s["malformed"]["count"] == 0
     md = report(["clean/manifest.jsonl"], out="s.md", format="md")
     assert md["inputs"][0]["kind"] == "mask" and "## Mask run: clean/manifest.jsonl" in Path("s.md").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_scan_records_name_their_column_and_the_report_draws_it(tmp_path, monkeypatch, fmt, tiny_clip_config,
+                                                                  tiny_clip_checkpoint):
+    """The issue's case end to end: `scan two.parquet --image-column photo`, then `report`."""
+    from guardalign.commands.scan import scan
+    from guardalign.io.sinks import read_records
+
+    monkeypatch.chdir(tmp_path)
+    photo, _ = _two_columns(tmp_path / "two.parquet")
+    out = f"scan.{fmt}"
+    scan(["two.parquet"], image_column="photo", out=out, format=fmt, tau=2.0, clip_model=str(tiny_clip_config),
+         pretrained=str(tiny_clip_checkpoint), device="cpu", progress=False)
+    (rec,) = list(read_records(out))
+    assert rec["image_column"] == "photo" and rec["sha256"] == sha(photo) and rec["verdict"] == "unsafe"
+    report([out], out="r.html", blur=False)
+    (uri,) = data_uris(Path("r.html").read_text())
+    assert decode_uri(uri).shape[:2] == (60, 90)  # the 90×60 photo, not the 45×30 thumb
