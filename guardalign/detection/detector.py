@@ -112,7 +112,8 @@ class Detector:
         cfg = asdict(self.config)
         cfg.pop("batch_size")
         cfg["scales"] = list(cfg["scales"])
-        return {**self.provenance, **cfg}
+        # the encoder's mean colour: ``mask --from-scan`` fills with it (Eq. 11) without loading the model again
+        return {**self.provenance, **cfg, "image_mean": [round(float(m), 6) for m in self.encoder.mean]}
 
     def fitted_for_warning(self) -> str | None:
         """One line when the anchors' τ was fitted (``fitted_for``, written by calibrate) for other settings
