@@ -63,3 +63,24 @@ def test_tau_zero_on_the_command_line(tmp_path, tiny_clip_config, tiny_clip_chec
                                    "--pretrained", str(tiny_clip_checkpoint), "--device", "cpu", "-q"])
     assert res.exit_code == 0, res.output
     assert [r["verdict"] for r in _records(out)] == ["safe", "safe"]
+
+
+def test_anchors_with_empty_prefix_answer_without_a_prefix(tmp_path, tiny_clip_config, tiny_clip_checkpoint):
+    """`prefix: ""` in an anchors file: answer runs, calibrated, with no prefix in the chat."""
+    import json as _json
+
+    from guardalign.commands.answer import answer
+    from lvlm_fixtures import make_image, make_tiny_lvlm
+
+    make_image(tmp_path / "a.png")
+    (tmp_path / "p.jsonl").write_text(_json.dumps({"id": "x", "image": "a.png", "prompt": "Describe it."}) + "\n")
+    (tmp_path / "mine.yaml").write_text('prefix: ""\n' + FOUR_KEYS)
+    model = make_tiny_lvlm("llava", tmp_path / "llava")
+    out = tmp_path / "a.jsonl"
+    summary = answer(str(tmp_path / "p.jsonl"), model=str(model), out=str(out), anchors=str(tmp_path / "mine.yaml"),
+                     clip_model=str(tiny_clip_config), pretrained=str(tiny_clip_checkpoint), device="cpu",
+                     max_new_tokens=3, layers="1:3", progress=False)
+    (rec,) = _records(out)
+    assert summary.exit_code == 0 and rec["status"] == "ok", rec["error"]
+    assert rec["calibration"]["prefix"] == "" and rec["detection"]["verdict"] == "safe"  # tau: 0 flags nothing
+    assert rec["prefix_attention"]["calibrated"] == rec["prefix_attention"]["vanilla"]  # nothing to attend to
