@@ -5,6 +5,7 @@ import sys
 from typing import Any, Callable
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 
 DEBUG = {"on": False}  # set by the global --debug option (or GUARDALIGN_DEBUG=1): show tracebacks
@@ -57,6 +58,30 @@ def _one_line(exc: BaseException) -> str:
 
     text = " ".join(str(exc).split()) or type(exc).__name__
     return printable(text)
+
+
+def _hide_flag_types(params: list) -> list:
+    """Give flags an empty metavar: Typer's rich help prints an option's metavar, else its type, in the type
+    column, so a flag would read ``<bool>`` and suggest ``--resume true`` (which click rejects). Flags take no
+    value, so the column stays empty for them."""
+    for p in params:  # Typer vendors its own click: test by duck type, not isinstance(click.Option)
+        if getattr(p, "param_type_name", "") == "option" and getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """Every guardalign command: Typer's, with flags shown without a value type in --help."""
+
+    def get_params(self, ctx):
+        return _hide_flag_types(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The root ``guardalign`` group, with the same flag display as :class:`Command`."""
+
+    def get_params(self, ctx):
+        return _hide_flag_types(super().get_params(ctx))
 
 
 def stdin_if_dash(paths: list[str]):

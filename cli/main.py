@@ -12,6 +12,7 @@ from cli import calibrate as _calibrate
 from cli import mask as _mask
 from cli import report as _report
 from cli import scan as _scan
+from cli._common import Command, Group
 
 class _App(typer.Typer):
     """The Typer app, with a last-resort handler: an exception that escapes a command (outside the library
@@ -47,8 +48,8 @@ app = _App(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=Group,
 )
-
 
 
 def _version(value: bool) -> None:
@@ -71,11 +72,11 @@ def _root(
     DEBUG["on"] = debug
 
 
-app.command("scan", no_args_is_help=True)(_scan.scan_command)
-app.command("mask", no_args_is_help=True)(_mask.mask_command)
-app.command("answer", no_args_is_help=True)(_answer.answer_command)
-app.command("report", no_args_is_help=True)(_report.report_command)
-app.command("calibrate", no_args_is_help=True)(_calibrate.calibrate_command)
+app.command("scan", cls=Command, no_args_is_help=True)(_scan.scan_command)
+app.command("mask", cls=Command, no_args_is_help=True)(_mask.mask_command)
+app.command("answer", cls=Command, no_args_is_help=True)(_answer.answer_command)
+app.command("report", cls=Command, no_args_is_help=True)(_report.report_command)
+app.command("calibrate", cls=Command, no_args_is_help=True)(_calibrate.calibrate_command)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper for ``python -m cli.main``

@@ -4,6 +4,8 @@ Every module and the CLI take exit codes from this table; the README's table lis
 """
 from __future__ import annotations
 
+import sys
+
 EXIT_OK = 0  # done, and every gate passed
 EXIT_GATE = 1  # a gate failed (--fail-on-unsafe, --max-unsafe-rate)
 EXIT_USAGE = 2  # usage, config, input-schema or model-loading error; nothing written
@@ -88,3 +90,14 @@ def _show(path) -> str:
 
     text = printable(path) if path is not None else "output"
     return text if len(text) <= 160 else text[:70] + "…" + text[-70:]
+
+
+def warn(message: str) -> None:
+    """Tell the user something on stderr as ONE line, ``warning: …``.
+
+    Used instead of :func:`warnings.warn` for things a user of the command line must see (random weights,
+    anchors fitted for other settings): Python's warning display adds the source file, the line number,
+    the category and the offending source line, and changing how it displays would be process-wide state.
+    """
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr, flush=True)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guardalign.errors import ConfigError, ModelLoadError
+from guardalign.errors import ConfigError, ModelLoadError, warn
 from guardalign.models.patches import _value_path, dense_forward, dense_visual, grid_boxes, n_windows  # noqa: F401
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -117,8 +117,8 @@ def _resolve_weights(arch: str, label: str, pretrained: str) -> tuple[str | None
     import open_clip
 
     if pretrained.lower() == "none":
-        warnings.warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces "
-                      "is meaningless; use it only for tests.", UserWarning, stacklevel=3)
+        warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces is "
+             "meaningless; use it only for tests.")
         return None, "none", False
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if tag_cfg:

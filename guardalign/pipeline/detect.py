@@ -37,6 +37,7 @@ class DetectStage:
                 continue
             rec = {"id": d.item.id, "source": d.item.source, "status": "ok", "error": None, **next(dets).to_record()}
             rec["sha256"] = d.info.sha256  # of the stored bytes: mask --from-scan refuses an image that changed
+            rec["image_column"] = d.item.meta.get("column")  # Parquet: which column (report reads the same)
             rec["notes"] = notes(d.info)
             rec["elapsed_s"] = round(per_image, 6)
             records.append(rec)
