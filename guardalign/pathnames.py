@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Iterator, TextIO
 
 _UNESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[dD][89a-fA-F][0-9a-fA-F]{2})")
 
@@ -78,3 +79,19 @@ def json_safe(text: str) -> str:
     return "".join(
         (f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}")
         if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
+def null_separated(stream: TextIO) -> Iterator[str]:
+    """Paths separated by NUL bytes (``find -print0``); read in chunks, so a long list stays streamed."""
+    raw = getattr(stream, "buffer", None)
+    rest = b"" if raw is not None else ""
+    while True:
+        chunk = raw.read(1 << 16) if raw is not None else stream.read(1 << 16)
+        if not chunk:
+            break
+        parts = (rest + chunk).split(b"\0" if raw is not None else "\0")
+        rest = parts.pop()
+        for p in parts:
+            yield os.fsdecode(p) if raw is not None else p
+    if rest:
+        yield os.fsdecode(rest) if raw is not None else rest

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from guardalign.errors import ConfigError, InputError
+from guardalign.io.jsonl_out import _Closing
 from guardalign.records import SCAN_RECORD, arrow_type
 
 # Scan record fields stored as Parquet columns (guardalign.records; `json` fields travel in ``extra``).
@@ -18,21 +19,6 @@ SCAN_FIELDS: tuple[tuple[str, str], ...] = tuple((f.name, f.type) for f in SCAN_
 EXTRA_FIELD = "extra"  # JSON object string holding every record key not in SCAN_FIELDS
 _JOURNAL_SUFFIX = ".partial.jsonl"
 _MERGE_ROWS = 10_000  # journal records converted per Parquet write at close
-
-
-# The base of every sink (the JSONL ones in guardalign.io.sinks too); it lives here so this module needs no
-# import of guardalign.io.sinks at import time.
-class _Closing:
-    """``with`` support: close on success; on an exception abort (create nothing new, keep journals)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def scan_schema():
@@ -44,7 +30,7 @@ def scan_schema():
 
 def _to_row(record: dict) -> dict:
     """Record → a row of the scan schema (missing keys → null, unknown keys → ``extra`` JSON)."""
-    from guardalign.io.sinks import _jsonable
+    from guardalign.io.jsonl_out import _jsonable
 
     rec = _jsonable(record)
     names = {n for n, _ in SCAN_FIELDS}
@@ -96,7 +82,7 @@ class ParquetSink(_Closing):
 
     def __init__(self, path: str | Path, resume: bool = False):
         from guardalign.io import durable
-        from guardalign.io.sinks import JsonlSink, _check_target, _size
+        from guardalign.io.jsonl_out import JsonlSink, _check_target, _size
 
         self.path = Path(path)
         self.resume = resume
@@ -149,7 +135,8 @@ class ParquetSink(_Closing):
         import pyarrow.parquet as pq
 
         from guardalign.io import durable
-        from guardalign.io.sinks import _size, read_records
+        from guardalign.io.jsonl import read_objects
+        from guardalign.io.jsonl_out import _size
 
         journalled = _size(self._journal_path) > 0
         if not journalled and (self._done_ids or (self.resume and _size(self.path) > 0)):
@@ -164,7 +151,7 @@ class ParquetSink(_Closing):
                             writer.write_table(_conform(batch, self._schema))
                 if journalled:
                     chunk: list[dict] = []
-                    for rec in read_records(self._journal_path):
+                    for _, rec in read_objects(self._journal_path):
                         if str(rec.get("id")) not in self._done_ids:  # crash between replace and unlink
                             chunk.append(rec)
                         if len(chunk) >= _MERGE_ROWS:

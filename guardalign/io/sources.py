@@ -44,7 +44,7 @@ from guardalign.io.images import IMAGE_EXTENSIONS, Decoded, decode_stream  # noq
 from guardalign.io.parquet_plan import (  # noqa: F401 (PATH_COLUMN_NAMES re-exported)
     PATH_COLUMN_NAMES, ParquetPlan, open_parquet, parquet_plan, regular_file_error,
 )
-from guardalign.pathnames import escape_name
+from guardalign.pathnames import escape_name, null_separated
 
 # Target bytes of image column data per Parquet batch (rows per batch shrink for big images).
 BATCH_BYTES = 64 << 20
@@ -223,28 +223,12 @@ def _read_list(task: _Task, opts: _Options) -> Iterator[Item]:
     stream = opts.stdin if opts.stdin is not None else sys.stdin
     raw = getattr(stream, "buffer", None)
     if opts.null:
-        lines = _null_separated(stream)
+        lines = null_separated(stream)
     else:
         lines = (os.fsdecode(b).rstrip("\r\n") for b in raw) if raw is not None else (s.rstrip("\r\n") for s in stream)
     for line in lines:
         if line.strip():
             yield _file_item(line, Path(line))
-
-
-def _null_separated(stream: TextIO) -> Iterator[str]:
-    """Paths separated by NUL bytes (``find -print0``); read in chunks, so a long list stays streamed."""
-    raw = getattr(stream, "buffer", None)
-    rest = b"" if raw is not None else ""
-    while True:
-        chunk = raw.read(1 << 16) if raw is not None else stream.read(1 << 16)
-        if not chunk:
-            break
-        parts = (rest + chunk).split(b"\0" if raw is not None else "\0")
-        rest = parts.pop()
-        for p in parts:
-            yield os.fsdecode(p) if raw is not None else p
-    if rest:
-        yield os.fsdecode(rest) if raw is not None else rest
 
 
 def _read_parquet(task: _Task, opts: _Options) -> Iterator[Item]:
