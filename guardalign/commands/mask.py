@@ -28,6 +28,7 @@ rerun skips items the manifest records as complete, so a crashed run can simply 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
@@ -130,10 +131,30 @@ def mask(
         run_job(todo, stage, manifest, previous=previous.values(), done_if=stage.finished,
                 out=f"--out-dir {out_dir}", total=total, workers=workers, progress=progress, summary=summary,
                 decode=_decode_unchanged(index) if index is not None else True)
+    _empty_parquet_outputs(getattr(items, "plans", {}), root, inputs, overwrite)
     compact_manifest(root / MANIFEST)
     if progress:
         print_summary(summary, root)
     return summary
+
+
+def _empty_parquet_outputs(plans: dict, root: Path, inputs: Sequence[str], overwrite: bool) -> None:
+    """A zero-row Parquet input has no items, so no row writes its output: give it a zero-row copy (same
+    schema and metadata), as every other Parquet input gets its purified copy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from guardalign.io.durable import write_parts
+    from guardalign.pipeline.mask_out import parquet_base
+
+    for plan in plans.values():
+        if plan.error or plan.num_rows:
+            continue
+        target = root / safe_relpath(parquet_base(str(plan.path), inputs))[0]
+        if target.exists() and not overwrite:
+            continue
+        schema = pq.read_schema(pa.OSFile(os.fsencode(plan.path)))
+        write_parts(target, lambda tmp, s=schema: pq.write_table(s.empty_table(), tmp), inside=root)
 
 
 def _outside_out_dir(items: Iterator, root: Path, inputs: Sequence[str], summary: MaskSummary) -> Iterator:

@@ -87,11 +87,12 @@ class ItemStream(Iterator[Item]):
 
     ``skipped`` (:class:`~guardalign.io.filetypes.SkipLog`): files found in input folders that are not inputs
     (no record): ``count``, ``by_reason`` (Counter), ``examples`` (first few ``(path, reason)``). Complete once
-    the stream is exhausted.
+    the stream is exhausted. ``plans``: the Parquet files found, with their image column and row count.
     """
 
     def __init__(self, tasks: list[_Task], opts: _Options):
         self.skipped = opts.skipped
+        self.plans = opts.plans  # Parquet path -> ParquetPlan (column, cell kind, rows), validated up front
         self._gen = _generate(tasks, opts)
 
     def __iter__(self) -> "ItemStream":

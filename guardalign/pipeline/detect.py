@@ -17,9 +17,9 @@ class DetectStage:
     name = "scan"
     unit = "img"
 
-    def __init__(self, detector: Any, *, name: str = "scan"):
+    def __init__(self, detector: Any, *, name: str = "scan", batch_size: int | None = None):
         self.detector = detector
-        self.batch_size = detector.config.batch_size
+        self.batch_size = batch_size or detector.config.batch_size
         self.name = name
 
     def settings(self) -> dict[str, Any]:
