@@ -65,6 +65,7 @@ SCAN_RECORD: tuple[Field, ...] = (
     Field("notes", "list<string>", "remarks: animated image (first frame used), EXIF rotation applied"),
     Field("elapsed_s", "double", "amortised model seconds for this image"),
     Field("sha256", "string", "SHA-256 of the image's stored bytes; `mask --from-scan` refuses an image that changed"),
+    Field("image_column", "string", "Parquet inputs: the column the image was read from (`report` reads the same one); null for files"),
     Field("settings", "json", "every setting that shaped the verdict; `--resume` refuses a run whose settings differ"),
 )
 

@@ -119,8 +119,10 @@ class GuardModelJudge:
         """Load by hub id or local directory (offline rules and errors as ``lvlm.load_lvlm``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from guardalign.models.hub import local_or_hub
         from guardalign.models.lvlm import _from_pretrained, resolve_device, resolve_dtype
 
+        model = local_or_hub(model, flag="--judge")
         dev = resolve_device(device)
         tok = _from_pretrained(AutoTokenizer.from_pretrained, model)
         net = _from_pretrained(AutoModelForCausalLM.from_pretrained, model, dtype=resolve_dtype(dtype, dev))

@@ -28,6 +28,8 @@ def print_summary(summary: RunSummary, *, title: str | None = None, unit: str = 
     table.add_row("errors", str(summary.errors))
     if summary.resumed:
         table.add_row("resumed (already done)", str(summary.resumed))
+    for reason, n in (summary.not_inputs.by_reason.most_common() if summary.not_inputs else ()):
+        table.add_row(f"skipped · {reason}", str(n))
     table.add_row("throughput", f"{summary.throughput:.1f} {unit}/s over {summary.seconds:.1f} s")
     console.print(table)
     print_errors(console, summary.error_list, see="the records")
