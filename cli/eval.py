@@ -19,11 +19,11 @@ Writes --out DIR/records.jsonl (one record per item × defence, resumable) and D
 
 Examples:
 
-  guardalign eval figstep:data/FigStep mmsafety:data/MM-SafetyBench --model llava-hf/llava-1.5-7b-hf --defences vanilla,guardalign --judge refusal --out eval/
+  guardalign eval figstep:benchmarks/FigStep mmsafety:benchmarks/MM-SafetyBench --model llava-hf/llava-1.5-7b-hf --defences vanilla,guardalign --judge refusal --out eval/
 
-  guardalign eval spavl:data/SPA-VL/test hades:data/HADES --model ./llava --judge refusal --judge llama-guard:meta-llama/Llama-Guard-3-8B --limit 200 --out eval-small/
+  guardalign eval spavl:benchmarks/SPA-VL/test hades:benchmarks/HADES --model ./llava --judge refusal --judge llama-guard:meta-llama/Llama-Guard-3-8B --limit 200 --max-new-tokens 32 --out eval-small/
 
-  guardalign eval mmsafety,images=SD,question=official:data/MM-SafetyBench --model ./llava --utility vqa.jsonl --out eval/ --resume
+  guardalign eval mmsafety,images=SD,question=official:benchmarks/MM-SafetyBench --model ./llava --utility vqa.jsonl --max-new-tokens 32 --out eval-sd/ --resume
 
 Exit codes: 0 done · 2 usage/config/model error, nothing written · 3 finished, but some items could not be answered (see their status=error records).
 """

@@ -40,7 +40,6 @@ app = _App(
         "  guardalign mask data/ --from-scan scan.jsonl --out-dir purified/\n\n"
         "  guardalign answer prompts.jsonl --model llava-hf/llava-1.5-7b-hf --out answers.jsonl\n\n"
         "  guardalign report scan.jsonl answers.jsonl -o report.html\n\n"
-        "  guardalign eval figstep:data/FigStep --model llava-hf/llava-1.5-7b-hf --out eval/\n\n"
         "Exit codes: 0 done (gates passed) · 1 a gate failed · 2 usage, config or model error "
         "(nothing written) · 3 finished, but some inputs could not be read · 4 a gate was asked for but no "
         "image was scanned · 5 an output could not be written · 70 internal error (a bug; --debug shows "

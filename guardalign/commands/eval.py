@@ -85,9 +85,9 @@ def evaluate(
     _check_numbers(max_new_tokens=max_new_tokens, limit=limit, bootstrap=bootstrap, theta=theta)
     span = parse_layers(layers) if isinstance(layers, str) else (tuple(layers) if layers is not None else None)
     spec = CalibrationSpec(mode=calibration, gamma=gamma, layers=span).validate()
-    root = _out_dir(out, resume)
     if not specs and util_spec is None:
         raise ConfigError("no benchmarks given: pass NAME:DIR arguments (e.g. figstep:data/FigStep) or --utility")
+    root = _out_dir(out, resume, [s.root for s in specs] + ([util_spec.root] if util_spec else []))
     streams = open_benchmarks(specs)  # checks every layout before any model is loaded
     util_stream = open_benchmarks([util_spec]) if util_spec else iter(())
     anchor_set = load_anchors(anchors)
@@ -135,14 +135,24 @@ def _check_numbers(*, max_new_tokens, limit, bootstrap, theta) -> None:
         raise ConfigError(f"invalid --theta {theta!r}: expected a cosine in [-1, 1]")
 
 
-def _out_dir(out: str, resume: bool) -> Path:
-    """The output folder: created if missing; refused when it is a file or a symlink, or holds records
-    without --resume (nothing is overwritten)."""
+def _out_dir(out: str, resume: bool, inputs: Sequence[Path]) -> Path:
+    """The output folder: refused when it is a file or a symlink, overlaps a benchmark's files, or holds
+    records without --resume (nothing the user gave is overwritten)."""
+    import os
+
     root = Path(out)
     if root.is_symlink():
         raise ConfigError(f"--out {out} is a symbolic link; give a real folder")
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--out {out} is a file; eval writes a folder (records.jsonl, summary.*)")
+    real = os.path.realpath(root)
+    for given in inputs:
+        if not os.path.lexists(given):
+            continue
+        other = os.path.realpath(given)
+        if any(a == b or a.startswith(b.rstrip(os.sep) + os.sep) for a, b in ((real, other), (other, real))):
+            raise ConfigError(f"--out {out} overlaps the input {given}: eval writes records.jsonl and summary.* "
+                              "there; choose a folder outside every benchmark")
     rec = root / RECORDS
     if rec.exists() and rec.stat().st_size > 0 and not resume:
         raise ConfigError(f"{rec} exists; pass --resume to continue it or choose another --out")
@@ -176,7 +186,7 @@ def _utility(stream: Iterator, limit: int | None) -> Iterator:
 
 def write_summary(root: Path, *, defences: Sequence[str] = (), reps: int = 1000, seed: int = 0):
     """Rebuild the summary from every record in ``root/records.jsonl``; write summary.{json,md,html} atomically."""
-    from guardalign.pipeline.mask_out import atomic_write
+    from guardalign.io.durable import atomic_write
     from guardalign.io.sinks import read_records
     from guardalign.reporting.evaltable import EvalTable, dumps
 
@@ -185,9 +195,9 @@ def write_summary(root: Path, *, defences: Sequence[str] = (), reps: int = 1000,
     if path.exists():
         for rec in read_records(path):
             table.add(rec)
-    atomic_write(root / SUMMARY_JSON, dumps(table.to_json(reps=reps, seed=seed)).encode())
-    atomic_write(root / SUMMARY_MD, table.to_markdown(reps=reps, seed=seed).encode())
-    atomic_write(root / SUMMARY_HTML, table.to_html(reps=reps, seed=seed).encode())
+    atomic_write(root / SUMMARY_JSON, dumps(table.to_json(reps=reps, seed=seed)), inside=root)
+    atomic_write(root / SUMMARY_MD, table.to_markdown(reps=reps, seed=seed), inside=root)
+    atomic_write(root / SUMMARY_HTML, table.to_html(reps=reps, seed=seed), inside=root)
     return table
 
 

@@ -16,7 +16,9 @@ Documented substitutions, because the tests run offline with no real weights:
 - LVLMs keep the example's ``--model``/``--judge`` value: ``llava-hf/llava-1.5-7b-hf`` is resolved by
   transformers from a temporary Hugging Face cache that holds a tiny random LLaVA under that id, and
   ``./Qwen2-VL-2B-Instruct`` (with 20 decoder layers, so ``--layers 6:20`` is valid) and ``./Llama-Guard-3-1B``
-  are tiny random models at those paths.
+  are tiny random models at those paths; ``./llava`` is the tiny LLaVA and ``meta-llama/Llama-Guard-3-8B`` the
+  tiny judge in the cache. ``benchmarks/`` holds one-item miniatures of FigStep, MM-SafetyBench, SPA-VL and HADES
+  in their published layouts (tests/benchmark_layouts.py) and ``vqa.jsonl`` a one-line utility set.
 - Before substitution, each example's argument list is also parsed by click exactly as written: every
   flag must exist and take the value it is given.
 
@@ -39,7 +41,7 @@ from typer.testing import CliRunner
 from cli.docs import help_text
 from cli.main import app
 
-COMMANDS = ("", "scan", "mask", "answer", "report", "calibrate")
+COMMANDS = ("", "scan", "mask", "answer", "report", "calibrate", "eval")
 CLIP_FLAGS = "--clip-model", "--pretrained", "--device"
 OUTPUT_FLAGS = ("--out", "-o", "--out-dir")
 LLAVA_ID = "llava-hf/llava-1.5-7b-hf"
@@ -98,7 +100,7 @@ def _command_params(name: str):
 # ------------------------------------------------------------------------------------------ --help display
 def test_examples_were_found_in_every_command():
     per = {c for c, _ in EXAMPLES}
-    assert per == {"guardalign", "scan", "mask", "answer", "report", "calibrate"}, per
+    assert per == {"guardalign", "scan", "mask", "answer", "report", "calibrate", "eval"}, per
     assert len(EXAMPLES) >= 15
 
 
@@ -228,6 +230,7 @@ def world(tmp_path_factory, tiny_clip_config, tiny_clip_checkpoint):
     judge = make_tiny_judge(models / "Llama-Guard-3-1B")
     cache = root / "hub"
     _hub_cache_entry(cache, LLAVA_ID, llava)
+    _hub_cache_entry(cache, "meta-llama/Llama-Guard-3-8B", judge)
 
     ws = root / "workspace"
     for i, color in enumerate([(200, 40, 40), (40, 160, 60), (30, 60, 200)]):
@@ -245,8 +248,16 @@ def world(tmp_path_factory, tiny_clip_config, tiny_clip_checkpoint):
     for rec in labels[1:]:
         rec.pop("category")
     (ws / "labelled.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
-    for name in ("Qwen2-VL-2B-Instruct", "Llama-Guard-3-1B"):
+    for name in ("Qwen2-VL-2B-Instruct", "Llama-Guard-3-1B", "llava"):
         (ws / name).symlink_to(models / name, target_is_directory=True)
+    from benchmark_layouts import make_figstep, make_hades, make_mmsafety, make_spavl
+
+    make_figstep(ws / "benchmarks" / "FigStep", good=1, bad=False)
+    make_mmsafety(ws / "benchmarks" / "MM-SafetyBench", good=1, bad=False)
+    make_spavl(ws / "benchmarks" / "SPA-VL", good=1, bad=False)
+    make_hades(ws / "benchmarks" / "HADES", good=1, bad=False)
+    (ws / "vqa.jsonl").write_text(json.dumps({"id": "v1", "image": "photos/p0.png", "prompt": "What colour is it?",
+                                              "answer": "red"}) + "\n")
 
     clip_args = ["--clip-model", str(tiny_clip_config), "--pretrained", str(tiny_clip_checkpoint), "--device", "cpu"]
     saved_cache, saved_cwd = hub_constants.HF_HUB_CACHE, os.getcwd()

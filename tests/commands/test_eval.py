@@ -194,6 +194,8 @@ def test_flags_are_checked_before_any_model_loads(world, tmp_path, monkeypatch):
         kw = {"benchmarks": bench, "model": "m", "out": str(tmp_path / "o"), "progress": False, **change}
         with pytest.raises(Exception, match=match):
             evaluate(kw.pop("benchmarks"), **kw)
+    with pytest.raises(ConfigError, match="overlaps the input"):
+        evaluate(bench, model="m", out=str(world["figstep"] / "data" / "eval"), progress=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         evaluate(bench, model="m", out=str(tmp_path / "file"), progress=False)

@@ -246,7 +246,7 @@ def test_prompts_jsonl(tmp_path):
     assert items[0].meta["category"] == "benign" and items[1].meta["category"] == "(none)"
     assert items[1].meta["reference"] == {"note": "extra"} and items[1].path == root / "img/b.png"
     bad = errors(items)
-    assert "prompts.jsonl:3: malformed JSON" in bad["prompts/line3"]
+    assert "prompts.jsonl:3: invalid JSON" in bad["prompts/line3"]
     assert "prompts.jsonl:4: duplicate id 'p1' (first used on line 1)" in bad["prompts/line4"]
     assert "prompts.jsonl:5: image not found" in bad["prompts/p5"]
     assert len(items) == 5  # the blank line is skipped

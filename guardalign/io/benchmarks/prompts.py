@@ -7,7 +7,6 @@ Lines are read one at a time. ``NAME:FILE`` takes the JSONL file (or a folder ho
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -32,22 +31,20 @@ def read(root: Path, options: dict[str, str], label: str) -> Iterator[Item]:
 
 
 def _items(f, path: Path, label: str) -> Iterator[Item]:
+    from guardalign.io.jsonl import iter_lines
+
     first: dict[str, int] = {}
     with f:
-        for n, raw in enumerate(f, 1):
-            if raw.strip():
-                one = _line(raw, n, path, label, first)
-                yield one
+        for line in iter_lines(f):  # the shared JSONL reader: BOM dropped, blank lines skipped, bad lines as values
+            yield _line(line, path, label, first)
 
 
-def _line(raw: bytes, n: int, path: Path, label: str, first: dict[str, int]) -> Item:
+def _line(line, path: Path, label: str, first: dict[str, int]) -> Item:
+    n = line.n
     where, source, fallback = f"{path}:{n}", f"{path}#{n}", f"line{n}"
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return bad_item(label, fallback, source, f"{where}: not UTF-8 ({e})")
-    except ValueError as e:
-        return bad_item(label, fallback, source, f"{where}: malformed JSON ({e})")
+    if line.error is not None:
+        return bad_item(label, fallback, source, f"{where}: {line.error}")
+    obj = line.value
     if not isinstance(obj, dict):
         return bad_item(label, fallback, source, f"{where}: expected a JSON object, got {type(obj).__name__}")
     rid = obj.get("id")
