@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ["detector", "scan", "answer", "quality", "eval"]
+BENCHES = ["detector", "scan", "answer", "quality", "mask", "eval"]
 
 
 def main(argv: list[str] | None = None) -> int:

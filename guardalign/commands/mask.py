@@ -95,6 +95,11 @@ def mask(
     cfg = DetectConfig(method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps,
                        batch_size=batch_size).validate()
     items = iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin)
+    _refuse_unscanned_columns(getattr(items, "plans", {}))
+    if progress:
+        from guardalign.pipeline.summary import say_columns
+
+        say_columns(getattr(items, "plans", {}))
     index = mean = None
     if from_scan is not None:  # the scan's records say which model and anchors made them: no model to load
         index, scan_settings = _load_scan(from_scan)
@@ -136,6 +141,16 @@ def mask(
     if progress:
         print_summary(summary, root)
     return summary
+
+
+def _refuse_unscanned_columns(plans: dict) -> None:
+    """A Parquet file with a second image column would pass that column's bytes through unpurified: refuse it."""
+    for plan in plans.values():
+        if plan.others:
+            raise ConfigError(
+                f"{plan.path}: besides the image column {plan.column!r} it has other image columns "
+                f"({', '.join(plan.others)}) that mask would copy through unpurified. Drop them from the file, "
+                "or mask each image column into its own Parquet (--image-column).")
 
 
 def _empty_parquet_outputs(plans: dict, root: Path, inputs: Sequence[str], overwrite: bool) -> None:

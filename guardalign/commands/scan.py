@@ -70,6 +70,10 @@ def scan(
             clip_model=clip_model, pretrained=pretrained, anchors=anchors, device=device, precision=precision,
             **_config_kwargs(cfg),
         )
+    if progress:
+        from guardalign.pipeline.summary import say_columns
+
+        say_columns(getattr(items, "plans", {}))
     fitted = getattr(detector, "fitted_for_warning", None)
     if progress and fitted is not None and (line := fitted()):
         from guardalign.errors import warn

@@ -26,6 +26,8 @@ class ParquetPlan:
     id_column: str | None = None  # column whose value is the record id, or None
     num_rows: int = 0  # rows per the footer
     error: str | None = None  # the file cannot be used at all (one error record, the run goes on)
+    why: str = ""  # why this image column was chosen (said on stderr)
+    others: tuple = ()  # other columns that hold images too (not scanned: mask refuses such a file)
 
 
 def type_kind(t) -> str | None:
@@ -65,24 +67,50 @@ def describe_columns(schema) -> str:
     return ", ".join(f"{f.name} ({f.type})" for f in schema) or "(none)"
 
 
-def detect_column(path: Path, schema) -> str:
-    """Pick the image column: HF Image features, then struct<bytes,path>, binary, named string columns."""
+def detect_column(path: Path, schema) -> tuple[str, str]:
+    """Pick the image column and say why: HF Image features, then struct<bytes,path>, binary, named string
+    columns."""
     kinds = {name: type_kind(schema.field(name).type) for name in schema.names}
     tiers = [
-        [c for c in _hf_image_columns(schema) if kinds.get(c) in ("struct", "binary", "path")],
-        [c for c, k in kinds.items() if k == "struct"],
-        [c for c, k in kinds.items() if k == "binary"],
-        [c for c in PATH_COLUMN_NAMES if kinds.get(c) == "path"],
+        ([c for c in _hf_image_columns(schema) if kinds.get(c) in ("struct", "binary", "path")],
+         "the Hugging Face Image feature"),
+        ([c for c, k in kinds.items() if k == "struct"], "a struct<bytes, path> column"),
+        ([c for c, k in kinds.items() if k == "binary"], "a binary column"),
+        ([c for c in PATH_COLUMN_NAMES if kinds.get(c) == "path"], "a string column named like an image path"),
     ]
-    for n, tier in enumerate(tiers):
+    for n, (tier, what) in enumerate(tiers):
         if len(tier) == 1 or (len(tier) > 1 and n == len(tiers) - 1):  # path names: first by preference
-            return tier[0]
+            return tier[0], f"{what}{' (first by name)' if len(tier) > 1 else ''}"
         if "image" in tier:
-            return "image"
+            return "image", f"{what} named 'image'"
         if tier:
             raise InputError(f"{path}: several possible image columns {tier}; pass --image-column COL")
     raise InputError(f"{path}: no image column found; columns: {describe_columns(schema)}; "
                      "pass --image-column COL")
+
+
+def other_image_columns(pf, schema, column: str) -> tuple[str, ...]:
+    """Columns besides ``column`` that hold image bytes: struct<bytes, path>, HF Image features, or binary
+    columns whose first non-null cells are images (by their magic bytes)."""
+    from guardalign.io.formats import sniff
+
+    hf = set(_hf_image_columns(schema))
+    found = []
+    for name in schema.names:
+        kind = type_kind(schema.field(name).type)
+        if name == column or kind not in ("struct", "binary"):
+            continue
+        if kind == "struct" or name in hf:
+            found.append(name)
+            continue
+        try:
+            batch = next(pf.iter_batches(batch_size=16, columns=[name]), None)
+        except Exception:  # noqa: BLE001 - a column we cannot read is not taken for images
+            continue
+        cells = [c for c in (batch.column(0).to_pylist() if batch is not None else []) if c]
+        if any(sniff(bytes(c[:64])) for c in cells[:16]):
+            found.append(name)
+    return tuple(found)
 
 
 def regular_file_error(path: Path) -> str | None:
@@ -131,12 +159,11 @@ def parquet_plan(path: Path, image_column: str | None, id_column: str | None) ->
     try:
         with open_parquet(path) as pf:
             schema, num_rows = pf.schema_arrow, pf.metadata.num_rows
+            column, why = (image_column, "--image-column") if image_column else detect_column(path, schema)
+            others = other_image_columns(pf, schema, column) if column in schema.names else ()
     except (OSError, pa.ArrowException) as e:
         return ParquetPlan(path, error=f"cannot read Parquet file ({e})")
-    column = image_column
-    if column is None:
-        column = detect_column(path, schema)
-    elif column not in schema.names:
+    if column not in schema.names:
         raise InputError(f"{path}: image column {column!r} not found; columns: {describe_columns(schema)}")
     kind = type_kind(schema.field(column).type)
     if kind is None:
@@ -144,4 +171,4 @@ def parquet_plan(path: Path, image_column: str | None, id_column: str | None) ->
                          "struct<bytes: binary, path: string>, binary, or string (a path)")
     if id_column is not None and id_column not in schema.names:
         raise InputError(f"{path}: id column {id_column!r} not found; columns: {describe_columns(schema)}")
-    return ParquetPlan(path, column, kind, id_column, num_rows)
+    return ParquetPlan(path, column, kind, id_column, num_rows, why=why, others=others)

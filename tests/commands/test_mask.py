@@ -685,3 +685,18 @@ def test_parquet_path_cell_conflict_abandons_that_parquet(tmp_path, detector):
     assert any(rid == "paths.parquet" and "not written" in err for rid, err in s.error_list)
     s = mask([str(files["paths"])], out_dir=str(out), overwrite=True, detector=detector, progress=False)
     assert s.exit_code == 0 and (out / "paths.parquet").is_file()
+
+
+def test_a_second_image_column_is_refused_by_name_and_the_choice_is_explained(tmp_path, detector, capsys):
+    cells = [_png_bytes(i) for i in range(2)]
+    src = tmp_path / "two.parquet"
+    pq.write_table(pa.table({"photo": pa.array(cells, pa.binary()), "raw": pa.array(cells, pa.binary()),
+                             "n": [1, 2]}), src)
+    with pytest.raises(ConfigError, match=r"other image columns \(raw\)"):
+        mask([str(src)], out_dir=str(tmp_path / "out"), image_column="photo", detector=detector, progress=False)
+    assert not (tmp_path / "out").exists()
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary()), "blob": pa.array([b"\x00\x01", None])}), one)
+    s = mask([str(one)], out_dir=str(tmp_path / "o1"), detector=detector, progress=True)
+    assert s.exit_code == 0
+    assert "image column 'image' (a binary column" in capsys.readouterr().err  # says which, and why

@@ -291,6 +291,7 @@ def test_report_links_only_inside_the_allowed_roots(tmp_path, monkeypatch):
     recs = [{**base, "id": "in", "source": "inside.png"}, {**base, "id": "pw", "source": "/etc/passwd"},
             {**base, "id": "env", "source": f"/proc/{os.getpid()}/environ"}]
     (tmp_path / "scan.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "imgs_only").mkdir()
     report([tmp_path / "scan.jsonl"], out=tmp_path / "r.html", format="html", image_root=[tmp_path / "imgs_only"])
     page = (tmp_path / "r.html").read_text()
     assert "file:///etc/passwd" not in page and "/environ\"" not in page and "file:///proc" not in page
