@@ -1,4 +1,4 @@
-"""One command for every benchmark: ``python -m bench [--only detector,scan,answer,quality,eval] [--quick]``.
+"""One command for every benchmark: ``python -m bench [--only detector,scan,answer,quality,mask,eval] [--quick]``.
 
 Each bench measures ratios side by side in one run and rewrites its own section of bench/RESULTS.md.
 """
