@@ -105,3 +105,9 @@ BATCH_SIZE = typer.Option(32, "--batch-size", help="Images per model batch.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …")
 WORKERS = typer.Option(4, "--workers", min=1, help="Image-decoding threads (≥ 1).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")
+
+# The Ray engine (scan and mask): `--engine ray` runs the same stages on a Ray cluster (pip install 'guardalign[ray]').
+ENGINE = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster: decoding in CPU tasks, detection in model actors; scan's --out is then a folder of record shards).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else one started on this machine with `ray start`, else a local Ray just for the run).")
+CONCURRENCY = typer.Option(None, "--concurrency", help="--engine ray: model actors, each holding one detector (default 1).")
+GPUS_PER_WORKER = typer.Option(None, "--gpus-per-worker", help="--engine ray: GPUs per model actor (default: 1 when the cluster has GPUs, else 0).")

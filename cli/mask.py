@@ -6,13 +6,13 @@ from typing import List, Optional
 import typer
 
 from cli._common import (  # shared option declarations
-    ANCHORS, BATCH_SIZE, CLIP_MODEL, DEVICE, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, STRIDE, THETA, WORKERS,
-    call, stdin_if_dash,
+    ANCHORS, BATCH_SIZE, CLIP_MODEL, CONCURRENCY, DEVICE, ENGINE, GPUS_PER_WORKER, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES,
+    PRETRAINED, QUIET, RAY_ADDRESS, STRIDE, THETA, WORKERS, call, stdin_if_dash,
 )
 
 HELP = """Write purified copies of images: unsafe patches masked, safe images copied byte-for-byte.
 
-INPUTS are what `scan` takes: folders (mirrored by relative path under --out-dir), image files, .parquet files (written back as Parquet with the same schema, rows and order, the image column replaced; a row that cannot be verified keeps its place with a null image) or '-' for paths on stdin. Purified images keep their format where possible, are stored upright and lose EXIF/GPS metadata. --out-dir/manifest.jsonl has one line per item: id, source, status, output, verdict, masked boxes, fill, the source's sha256. Rerun the same command to finish an interrupted run.
+INPUTS are what `scan` takes: folders (mirrored by relative path under --out-dir), image files, .parquet files (written back as Parquet with the same schema, rows and order, the image column replaced; a row that cannot be verified keeps its place with a null image), webdataset .tar shards (written back as tar shards with the same members and order, images purified; a sample that cannot be verified is left out) or '-' for paths on stdin. Purified images keep their format where possible, are stored upright and lose EXIF/GPS metadata. --out-dir/manifest.jsonl has one line per item: id, source, status, output, verdict, masked boxes, fill, the source's sha256. Rerun the same command to finish an interrupted run.
 
 Examples:
 
@@ -21,6 +21,8 @@ Examples:
   guardalign scan data/ --out scan.jsonl && guardalign mask data/ --from-scan scan.jsonl --out-dir clean/ --overlay
 
   guardalign mask train.parquet --out-dir clean/ --fill blur --dilate 8 --only-unsafe
+
+  guardalign mask /shared/shards/ --engine ray --concurrency 4 --out-dir /shared/clean/   # a shared folder
 
 Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other anchors or model (nothing written) · 3 finished, but some items have no output (unreadable, missing from the scan, changed since the scan, or an existing output not overwritten); see manifest.jsonl.
 """
@@ -51,6 +53,10 @@ def mask_command(
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
     workers: int = WORKERS,
+    engine: str = ENGINE,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    concurrency: Optional[int] = CONCURRENCY,
+    gpus_per_worker: Optional[float] = GPUS_PER_WORKER,
     quiet: bool = QUIET,
 ) -> None:
     from guardalign.commands.mask import mask
@@ -61,7 +67,8 @@ def mask_command(
         only_unsafe=only_unsafe, overwrite=overwrite, force=force, anchors=anchors, clip_model=clip_model,
         pretrained=pretrained, method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta,
         image_column=image_column, id_column=id_column, batch_size=batch_size, device=device, workers=workers,
-        stdin=stdin_if_dash(inputs), progress=not quiet,
+        stdin=stdin_if_dash(inputs), progress=not quiet, engine=engine, ray_address=ray_address,
+        concurrency=concurrency, gpus_per_worker=gpus_per_worker,
     )
     raise typer.Exit(summary.exit_code)
 

@@ -6,13 +6,15 @@ from typing import List, Optional
 import typer
 
 from cli._common import (  # shared option declarations
-    ANCHORS, BATCH_SIZE, CLIP_MODEL, DEVICE, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, STRIDE, THETA, WORKERS,
-    call, stdin_if_dash,
+    ANCHORS, BATCH_SIZE, CLIP_MODEL, CONCURRENCY, DEVICE, ENGINE, GPUS_PER_WORKER, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES,
+    PRETRAINED, QUIET, RAY_ADDRESS, STRIDE, THETA, WORKERS, call, stdin_if_dash,
 )
 
 HELP = """Score images for unsafe content and write one record per image.
 
-INPUTS are folders (recursive), image files, .parquet files or folders of them, or '-' for a list of paths on stdin. Records go to --out (JSONL, or Parquet with --format parquet); '-' is stdout.
+INPUTS are folders (recursive), image files, .parquet files, webdataset .tar shards (id shard.tar#key), folders of them, or '-' for a list of paths on stdin. Records go to --out (JSONL, or Parquet with --format parquet); '-' is stdout.
+
+With --engine ray the same detection runs on a Ray cluster: INPUTS may also be quoted globs and URIs (s3://, gs://, file://), and --out is a folder (or URI) of record shards, one per input fragment, plus manifest.json; --resume skips finished fragments, --merge FILE combines the shards into one file.
 
 Examples:
 
@@ -25,6 +27,8 @@ Examples:
   find imgs -type f -print0 | guardalign scan - -0 --out scan.jsonl --overwrite
 
   guardalign scan imgs/ --clip-model ViT-B-32 --pretrained ./open_clip_pytorch_model.bin   # offline weights
+
+  guardalign scan 's3://bucket/shards/*.tar' --engine ray --concurrency 8 --out s3://bucket/scan/ --merge scan.parquet
 
 Exit codes: 0 done, gates passed · 1 a gate failed (--fail-on-unsafe, --max-unsafe-rate) · 2 usage/config/model error, nothing written · 3 finished, but some inputs could not be read (see their status=error records).
 """
@@ -41,8 +45,8 @@ def scan_command(
     stride: float = STRIDE,
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (a cost 1−cos; unsafe when d ≤ τ)."),
     theta: float = THETA,
-    out: str = typer.Option("-", "--out", "-o", help="Output file, or '-' for stdout (JSONL)."),
-    format: Optional[str] = typer.Option(None, "--format", help="jsonl or parquet (default: from the --out name, else jsonl)."),
+    out: str = typer.Option("-", "--out", "-o", help="Output file, or '-' for stdout (JSONL); with --engine ray a folder or URI of shards."),
+    format: Optional[str] = typer.Option(None, "--format", help="jsonl or parquet (default: from the --out name, else jsonl; shards: parquet)."),
     image_column: Optional[str] = IMAGE_COLUMN,
     id_column: Optional[str] = ID_COLUMN,
     batch_size: int = BATCH_SIZE,
@@ -53,6 +57,11 @@ def scan_command(
     null: bool = typer.Option(False, "--null", "-0", help="With '-': paths on stdin are NUL-separated (find -print0)."),
     fail_on_unsafe: bool = typer.Option(False, "--fail-on-unsafe", help="Exit 1 if any image is unsafe."),
     max_unsafe_rate: Optional[float] = typer.Option(None, "--max-unsafe-rate", help="Exit 1 if the unsafe fraction exceeds R."),
+    engine: str = ENGINE,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    concurrency: Optional[int] = CONCURRENCY,
+    gpus_per_worker: Optional[float] = GPUS_PER_WORKER,
+    merge: Optional[str] = typer.Option(None, "--merge", help="--engine ray: also combine the shards, in input order, into this one file (.parquet or .jsonl)."),
     quiet: bool = QUIET,
 ) -> None:
     from guardalign.commands.scan import scan
@@ -63,7 +72,8 @@ def scan_command(
         patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, out=out, format=format,
         image_column=image_column, id_column=id_column, batch_size=batch_size, device=device,
         workers=workers, resume=resume, overwrite=overwrite, null=null, fail_on_unsafe=fail_on_unsafe, max_unsafe_rate=max_unsafe_rate,
-        stdin=stdin_if_dash(inputs), progress=not quiet,
+        stdin=stdin_if_dash(inputs), progress=not quiet, engine=engine, ray_address=ray_address,
+        concurrency=concurrency, gpus_per_worker=gpus_per_worker, merge=merge,
     )
     raise typer.Exit(summary.exit_code)
 

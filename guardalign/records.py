@@ -121,7 +121,7 @@ MASK_ENTRY: tuple[Field, ...] = (
     Field("verdict", "string", "the scan verdict used"),
     Field("category", "string", "winning category of an unsafe item"),
     Field("output", "string", "the written file (or Parquet) relative to --out-dir"),
-    Field("row", "int32", "row in the output Parquet"),
+    Field("row", "int32", "row in the output Parquet, or sample number in the output tar shard"),
     Field("overlay", "string", "the reviewer overlay relative to --out-dir, with --overlay"),
     Field("image_file", "string", "for Parquet path cells: the image file written beside the output"),
     Field("boxes", "list<list<int32>>", "the filled pixel boxes (after --dilate)"),

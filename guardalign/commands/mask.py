@@ -36,6 +36,7 @@ from guardalign.config import DetectConfig, EncoderConfig
 from guardalign.errors import ConfigError, InputError
 from guardalign.pipeline.mask_out import MANIFEST, inside, safe_relpath  # noqa: F401 (safe_relpath re-exported)
 from guardalign.pipeline.mask_stage import MaskStage, MaskSummary
+from guardalign.pipeline.mask_stage import decode_unchanged as _decode_unchanged
 from guardalign.records import MASK_NEEDS
 
 
@@ -70,12 +71,18 @@ def mask(
     stdin: TextIO | None = None,
     progress: bool = True,
     detector: Any = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    concurrency: int | None = None,
+    gpus_per_worker: float | None = None,
 ) -> MaskSummary:
     """Write purified copies of ``inputs`` under ``out_dir`` (module docstring) and a ``manifest.jsonl``.
 
     Raises a ``GuardalignError`` (exit 2) before writing anything for bad flags, an ``out_dir`` inside an
     input folder (unless ``force``), unusable inputs or model, or a ``from_scan`` file whose provenance
     (model, anchors sha256) differs from the detector these flags build. ``detector`` reuses a loaded one.
+    ``engine="ray"`` runs on a Ray cluster (:mod:`guardalign.pipeline.ray_mask`); ``out_dir`` must then be a
+    folder every node can write (a shared filesystem).
     """
     from guardalign.detection.purify import FILLS
     from guardalign.io.sinks import open_sink, read_records
@@ -94,32 +101,53 @@ def mask(
     overlay_root = _overlay_root(root, inputs, overlay, overlay_dir)
     cfg = DetectConfig(method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps,
                        batch_size=batch_size).validate()
-    items = iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin)
+    from dataclasses import asdict
+
+    from guardalign.pipeline.ray_engine import engine_config
+
+    ray_cfg = engine_config(engine, ray_address=ray_address, concurrency=concurrency, gpus_per_worker=gpus_per_worker)
+    items = iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin) if ray_cfg is None else ()
     _refuse_unscanned_columns(getattr(items, "plans", {}))
     if progress:
         from guardalign.pipeline.summary import say_columns
 
         say_columns(getattr(items, "plans", {}))
+    options = dict(clip_model=clip_model, pretrained=pretrained, anchors=anchors, precision=precision, **asdict(cfg))
     index = mean = None
     if from_scan is not None:  # the scan's records say which model and anchors made them: no model to load
         index, scan_settings = _load_scan(from_scan)
         _check_anchors(from_scan, index, anchors)
         mean = (scan_settings or {}).get("image_mean")
-    if detector is None and (index is None or mean is None):  # inline scan, or an older scan without settings
-        from dataclasses import asdict
-
+    if detector is None and (index is None or mean is None or ray_cfg is not None):
         from guardalign.detection.detector import Detector
 
-        detector = Detector.from_options(clip_model=clip_model, pretrained=pretrained, anchors=anchors,
-                                         device=device, precision=precision, **asdict(cfg))
+        # --engine ray: this copy (CPU) only checks the options and gives settings; each actor builds its own
+        detector = Detector.from_options(device=device if ray_cfg is None else "cpu", **options)
+    elif detector is not None and ray_cfg is not None:
+        raise ConfigError("engine='ray' builds a Detector in every actor from the model options; pass those, "
+                          "not a loaded detector")
     if index is not None and detector is not None:
         _check_provenance(from_scan, index, detector.provenance)
     mean = tuple(mean) if mean is not None else tuple(detector.encoder.mean)
-    total = None if "-" in inputs else count_items(list(inputs), image_column=image_column, id_column=id_column)
     settings = {"fill": fill, "dilate": dilate, "overlay": str(overlay_root) if overlay_root else None,
                 "only_unsafe": only_unsafe,
                 "detector": detector.settings() if index is None else None,
                 "from_scan": str(Path(from_scan).resolve()) if from_scan is not None else None}
+    if ray_cfg is not None:
+        from guardalign.pipeline import ray_mask
+        from guardalign.pipeline.ray_engine import actor_options
+
+        options = actor_options(options, detector, device)
+        detector = None  # the driver's copy is let go before the run
+        summary = ray_mask.mask(
+            list(inputs), root=root, settings=settings, options=options, index=index,
+            batch_size=batch_size, stage_kwargs=dict(fill=fill, dilate=dilate, overlay=overlay_root,
+                                                     only_unsafe=only_unsafe, overwrite=overwrite, mean=mean),
+            cfg=ray_cfg, force=force, image_column=image_column, id_column=id_column, progress=progress)
+        if progress:
+            print_summary(summary, root)
+        return summary
+    total = None if "-" in inputs else count_items(list(inputs), image_column=image_column, id_column=id_column)
     stage = MaskStage(root, inputs, fill=fill, dilate=dilate, overlay=overlay_root, only_unsafe=only_unsafe,
                       overwrite=overwrite, mean=mean, settings=settings, detector=detector,
                       index=index, batch_size=batch_size if index is None else 64)
@@ -178,7 +206,7 @@ def _outside_out_dir(items: Iterator, root: Path, inputs: Sequence[str], summary
         yield from items
         return
     for item in items:
-        src = item.meta.get("parquet") or (str(item.path) if item.path is not None else None)
+        src = item.meta.get("parquet") or item.meta.get("tar") or (str(item.path) if item.path is not None else None)
         if src is not None and inside(src, root):
             summary.tally["excluded"] += 1
             continue
@@ -266,47 +294,6 @@ def _check_provenance(path: str, index: dict[str, dict], provenance: dict[str, s
                     f"--from-scan {path}: record {rid!r} was scanned with {what} {rec.get(key)!r}, but these "
                     f"flags give {provenance[key]!r}. Pass the --anchors, --clip-model and --pretrained the scan "
                     "used, or mask without --from-scan to rescan.")
-
-
-# ----------------------------------------------------------------------------- reused scan records
-
-
-def _decode_unchanged(index: dict):
-    """The runner's decode step for --from-scan: read the bytes, check them against the scan, decode if unsafe."""
-    from guardalign.records import Decoded
-
-    def decode(item) -> Decoded:
-        rec = index.get(item.id)
-        if rec is None or rec.get("status") != "ok":
-            return Decoded(item, None, None, None)  # the stage gives the record's error
-        item, image, info, error = _check_unchanged(item, rec)
-        return Decoded(item, image, info, f"{error}: it changed since the scan; rescan it" if error else None)
-
-    return decode
-
-
-def _check_unchanged(item, rec: dict) -> tuple:
-    """(item with its bytes, image | None, info | None, error | None): the bytes are read once, compared with
-    the record's ``sha256`` (and size), and decoded when the verdict is unsafe (decoding hashes them too)."""
-    import hashlib
-    from dataclasses import replace
-
-    from guardalign.io.images import ImageDecodeError, decode_image, read_image_bytes
-
-    image = info = None
-    try:
-        item = item if item.data is not None else replace(item, data=read_image_bytes(item.path))
-        if rec.get("verdict") == "unsafe":
-            image, info = decode_image(data=item.data)
-        digest = info.sha256 if info is not None else hashlib.sha256(item.data).hexdigest()
-    except ImageDecodeError as exc:
-        return item, None, None, str(exc)
-    if rec.get("sha256") and digest != rec["sha256"]:
-        return item, None, None, f"content sha256 {digest[:12]}… differs from the scanned {rec['sha256'][:12]}…"
-    if image is not None and [image.width, image.height] != [rec.get("width"), rec.get("height")]:
-        return item, None, None, (f"image is {image.width}×{image.height} but was scanned as "
-                                  f"{rec.get('width')}×{rec.get('height')}")
-    return item, image, info, None
 
 
 def print_summary(summary: MaskSummary, root: Path) -> None:

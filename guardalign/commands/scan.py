@@ -43,23 +43,53 @@ def scan(
     null: bool = False,
     progress: bool = True,
     detector: Any = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    concurrency: int | None = None,
+    gpus_per_worker: float | None = None,
+    merge: str | None = None,
 ) -> ScanSummary:
     """Scan images and write one record per input (fields: DESIGN §3).
 
     Raises a ``GuardalignError`` (exit 2) before writing anything when flags, the anchors YAML, the
     model or an input is unusable. Unreadable images become ``status: error`` records and the run goes on.
     ``detector`` lets a caller reuse an already-loaded ``Detector`` (the other detection flags are then ignored).
+    ``engine="ray"`` runs on a Ray cluster into the folder ``out`` (:mod:`guardalign.pipeline.ray_scan`).
     """
     from guardalign.io.sinks import open_sink, read_records
     from guardalign.io.sources import count_items, iter_items
     from guardalign.pipeline.detect import DetectStage
     from guardalign.pipeline.runner import run_job
 
-    format = _check_output(format, out, resume, overwrite, inputs)
+    from guardalign.pipeline.ray_engine import engine_config
+
+    ray_cfg = engine_config(engine, ray_address=ray_address, concurrency=concurrency,
+                            gpus_per_worker=gpus_per_worker, merge=merge)
+    format = _check_output(format, out, resume, overwrite, inputs) if ray_cfg is None else format
     gates = Gates(fail_on_unsafe, max_unsafe_rate).validate()
     cfg = DetectConfig(
         method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps, batch_size=batch_size
     ).validate()
+    if ray_cfg is not None:
+        from guardalign.pipeline import ray_scan
+
+        if detector is not None:
+            raise ConfigError("engine='ray' builds a Detector in every actor from the model options; pass those, "
+                              "not a loaded detector")
+        options = dict(clip_model=clip_model, pretrained=pretrained, anchors=anchors, precision=precision,
+                       **_config_kwargs(cfg))
+        from guardalign.pipeline.ray_engine import actor_options
+
+        checked = _validation_detector(options)  # loaded on CPU, checked and let go before the run
+        settings, options = checked.settings(), actor_options(options, checked, device)
+        del checked
+        summary = ray_scan.scan(
+            list(inputs), out=out, fmt=format, settings=settings, batch_size=batch_size, options=options,
+            cfg=ray_cfg, resume=resume, overwrite=overwrite, merge_to=merge, gates=gates, image_column=image_column,
+            id_column=id_column, progress=progress)
+        if progress:
+            print_summary(summary)
+        return summary
     inputs = list(inputs)
     # iter_items validates every input and Parquet schema now, before anything is written.
     items = iter_items(inputs, image_column=image_column, id_column=id_column, stdin=stdin, null=null)
@@ -134,6 +164,13 @@ def _remove_output(out: str, format: str) -> None:
                 raise ConfigError(f"--out {path} is not a regular file; not overwriting it")
         except OSError as exc:
             raise _oserror(path, exc, "cannot replace") from None
+
+
+def _validation_detector(options: dict[str, Any]):
+    """The driver's copy of a Ray run's detector (CPU): checks the options and gives the settings, before any actor."""
+    from guardalign.detection.detector import Detector
+
+    return Detector.from_options(device="cpu", **options)
 
 
 def _config_kwargs(cfg: DetectConfig) -> dict[str, Any]:

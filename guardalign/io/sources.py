@@ -8,6 +8,8 @@ Input kinds (``READERS``), told apart up front by :func:`iter_items`:
   and extension-less images are scanned); a non-regular file is never opened. Files that are neither images
   nor Parquet get no record: they are counted, with the reason, in the stream's ``skipped`` log.
 - ``image``: a single file; ``parquet``: a file named ``*.parquet`` or starting with ``PAR1``.
+- ``tar``: a webdataset shard ``*.tar`` (also inside folders): one item per sample, id ``<shard>#<key>``
+  (:mod:`guardalign.io.webdataset`).
 - ``list``: ``-``, newline-separated image paths on stdin (blank lines skipped; read as bytes).
 
 Record ids are stable across runs of the same command:
@@ -44,6 +46,7 @@ from guardalign.io.images import IMAGE_EXTENSIONS, Decoded, decode_stream  # noq
 from guardalign.io.parquet_plan import (  # noqa: F401 (PATH_COLUMN_NAMES re-exported)
     PATH_COLUMN_NAMES, ParquetPlan, open_parquet, parquet_plan, regular_file_error,
 )
+from guardalign.io.webdataset import count_samples, is_tar, tar_items
 from guardalign.pathnames import escape_name, null_separated
 
 # Target bytes of image column data per Parquet batch (rows per batch shrink for big images).
@@ -140,11 +143,13 @@ def _plan(inputs: Sequence[str], opts: _Options) -> list[_Task]:
         elif _is_parquet_file(p):
             tasks.append(_Task("parquet", g, p.name))
             opts.plans[p] = parquet_plan(p, opts.image_column, opts.id_column)
+        elif p.is_file() and is_tar(p):
+            tasks.append(_Task("tar", g, p.name))
         else:  # images, broken symlinks, FIFOs, unreadable files: per-item errors later
             tasks.append(_Task("image", g, ""))
-    names = [t.prefix for t in tasks if t.kind == "parquet"]
+    names = [t.prefix for t in tasks if t.kind in ("parquet", "tar")]
     clash = {n for n in names if names.count(n) > 1}  # same file name in two folders: use the paths
-    return [_Task(t.kind, t.given, Path(t.given).as_posix()) if t.kind == "parquet" and t.prefix in clash else t
+    return [_Task(t.kind, t.given, Path(t.given).as_posix()) if t.kind in ("parquet", "tar") and t.prefix in clash else t
             for t in tasks]
 
 
@@ -202,6 +207,9 @@ def _read_folder(task: _Task, opts: _Options) -> Iterator[Item]:
         rid = task.prefix + rel
         if err is not None:
             yield Item(id=escape_name(f"{task.prefix}{rel or '.'}/"), source=escape_name(str(root / rel)), error=err)
+            continue
+        if entry is not None and entry.is_file(follow_symlinks=False) and is_tar(rel):
+            yield from tar_items(root / rel, rid)
             continue
         kind, detail = classify(root / rel, entry.name)
         if kind == "skip":
@@ -318,6 +326,7 @@ READERS: dict[str, Callable[[_Task, _Options], Iterator[Item]]] = {
     "image": _read_image,
     "parquet": _read_parquet,
     "list": _read_list,
+    "tar": lambda task, opts: tar_items(task.given, task.prefix),
 }
 
 
@@ -384,8 +393,12 @@ def count_items(
                     total += 1
                 elif kind == "parquet":
                     total += rows(p / rel)
-        elif _is_parquet_file(p):
+                elif is_tar(rel):
+                    total += count_samples(p / rel)
+        elif p.is_file() and _is_parquet_file(p):
             total += rows(p)
+        elif p.is_file() and is_tar(p):
+            total += count_samples(p)
         else:
             total += 1
     return total

@@ -3,8 +3,9 @@
 Per item: unsafe → patch boxes filled at the original resolution and re-encoded; safe → copied byte for byte
 (or left out with ``only_unsafe``); unreadable → no output. Each item's manifest entry is its record
 (``guardalign.records.MASK_ENTRY``); the runner writes the entries to ``manifest.jsonl``. A Parquet input is
-rebuilt row group by row group (:class:`~guardalign.pipeline.mask_out.ParquetOut`); when one cannot be completed
-it is abandoned, and the entries already recorded as written into it are corrected (:meth:`MaskStage.drain`).
+rebuilt row group by row group (:class:`~guardalign.pipeline.mask_out.ParquetOut`), a webdataset shard sample by
+sample (:class:`~guardalign.pipeline.tar_out.TarOut`); when one cannot be completed it is abandoned, and the entries
+already recorded as written into it are corrected (:meth:`MaskStage.drain`).
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ class MaskStage:
         # output path → (source, id) of the item that claimed it; the manifest is taken
         self.claims: dict[str, tuple[str, str]] = {str(root / "manifest.jsonl"): ("", "manifest")}
         self.originals = {os.path.realpath(g) for g in self.inputs if g != "-" and Path(g).is_file()}
-        self.parquet: ParquetOut | None = None  # output being written (items of one file arrive together)
-        self.kept: dict[str, bool] = {}  # Parquet input → its output exists and is kept (no --overwrite)
+        self.parquet: Any = None  # ParquetOut or TarOut being written (items of one file arrive together)
+        self.kept: dict[str, bool] = {}  # Parquet/tar input → its output exists and is kept (no --overwrite)
         self.corrections: list[tuple[dict | None, dict]] = []  # (old, new) entries for the runner to apply
 
     # -- the runner's stage protocol
@@ -130,11 +131,12 @@ class MaskStage:
         if not self.parquet.failed:
             self.parquet.abort()
             self.parquet.failed = reason
+            what = getattr(self.parquet, "what", "Parquet")
             self.corrections.append((None, {"id": self.parquet.rel, "status": "error",
-                                            "error": f"Parquet output not written: {reason}"}))
+                                            "error": f"{what} output not written: {reason}"}))
             for e in self.parquet.done:  # rows recorded as written into it: the last manifest line per id wins
                 self.corrections.append((e, {**e, "status": "error", "output": None,
-                                             "error": f"the output Parquet file is not written ({reason})"}))
+                                             "error": f"the output {what} file is not written ({reason})"}))
             self.parquet.done = []
 
     def _put(self, rel: str, data: bytes, item, entry: dict, status: str, key: str = "output",
@@ -170,11 +172,13 @@ class MaskStage:
     # -- one item
     def handle(self, item, image, info, rec: dict) -> dict:
         entry = _entry(item, "error", rec=rec, fill=self.fill, dilate=self.dilate)
-        pq_path = item.meta.get("parquet")
+        pq_path = item.meta.get("parquet") or item.meta.get("tar")
         if self.parquet is not None and self.parquet.src != pq_path:
             self._finish_parquet()
         try:
-            if pq_path is not None and "cell_kind" not in item.meta:  # the Parquet file itself is unreadable
+            if item.meta.get("tar") is not None:
+                self._tar_sample(item, image, info, rec, entry)
+            elif pq_path is not None and "cell_kind" not in item.meta:  # the Parquet file itself is unreadable
                 if self.parquet is not None:
                     self._fail_parquet(str(rec.get("error") or item.error))
             elif pq_path is not None:
@@ -281,6 +285,35 @@ class MaskStage:
         if not safe:
             self._overlay(f"{pq_out.rel}.overlays/{row}.overlay.png", image, rec, entry, item)
 
+    # -- webdataset samples
+    def _tar_sample(self, item, image, info, rec: dict, entry: dict) -> None:
+        """A sample goes into the purified shard (image replaced or copied, other members copied), or is left out."""
+        from guardalign.pipeline.tar_out import TarOut
+
+        src, key = item.meta["tar"], item.meta.get("key")
+        if self._kept_output(src):
+            entry.update(status="exists", error="the output tar shard exists (from another run or other options); "
+                                                "pass --overwrite to replace it")
+            return
+        if self.parquet is None:
+            self.parquet = TarOut(src, safe_relpath(parquet_base(src, self.inputs))[0], self)
+        out = self.parquet
+        if out.failed or key not in out.index:  # abandoned, or an error item for the shard itself
+            entry["error"] = entry["error"] or f"the output tar shard is not written ({out.failed})"
+            return
+        if rec.get("status") != "ok":
+            entry["notes"].append("sample left out of the output tar shard")
+            return
+        safe = rec["verdict"] == "safe"
+        if safe and self.only_unsafe:
+            entry["status"] = "skipped"
+            return
+        data, ext = (item.data, None) if safe else self._purify(item, image, info, rec, entry)
+        out.put(key, data, None if ext is None else key + ext)
+        entry.update(status="copied" if safe else "purified", output=out.rel, row=out.index[key])
+        if not safe:
+            self._overlay(f"{out.rel}.overlays/{safe_relpath(key)[0]}.overlay.png", image, rec, entry, item)
+
     def _path_cell(self, item, pq_out, entry: dict, data: bytes, ext: str | None, status: str) -> tuple[bool, Any]:
         """Write a path-kind image beside the output Parquet; (written, new cell text or None if unchanged)."""
         rel_in = cell_rel(item, Path(item.meta["parquet"]).parent)
@@ -293,3 +326,44 @@ class MaskStage:
             entry["sanitized"] = True
             entry["notes"].append(f"image path {rel_in!r} sanitised to {rel!r}; the cell now holds {rel!r}")
         return True, (rel if (changed or ext is not None) else None)
+
+
+# ----------------------------------------------------------------------------- reused scan records (--from-scan)
+
+
+def decode_unchanged(index: dict):
+    """The runner's decode step for --from-scan: read the bytes, check them against the scan, decode if unsafe."""
+    from guardalign.records import Decoded
+
+    def decode(item) -> Decoded:
+        rec = index.get(item.id)
+        if rec is None or rec.get("status") != "ok":
+            return Decoded(item, None, None, None)  # the stage gives the record's error
+        item, image, info, error = check_unchanged(item, rec)
+        return Decoded(item, image, info, f"{error}: it changed since the scan; rescan it" if error else None)
+
+    return decode
+
+
+def check_unchanged(item, rec: dict) -> tuple:
+    """(item with its bytes, image | None, info | None, error | None): the bytes are read once, compared with
+    the record's ``sha256`` (and size), and decoded when the verdict is unsafe (decoding hashes them too)."""
+    import hashlib
+    from dataclasses import replace
+
+    from guardalign.io.images import ImageDecodeError, decode_image, read_image_bytes
+
+    image = info = None
+    try:
+        item = item if item.data is not None else replace(item, data=read_image_bytes(item.path))
+        if rec.get("verdict") == "unsafe":
+            image, info = decode_image(data=item.data)
+        digest = info.sha256 if info is not None else hashlib.sha256(item.data).hexdigest()
+    except ImageDecodeError as exc:
+        return item, None, None, str(exc)
+    if rec.get("sha256") and digest != rec["sha256"]:
+        return item, None, None, f"content sha256 {digest[:12]}… differs from the scanned {rec['sha256'][:12]}…"
+    if image is not None and [image.width, image.height] != [rec.get("width"), rec.get("height")]:
+        return item, None, None, (f"image is {image.width}×{image.height} but was scanned as "
+                                  f"{rec.get('width')}×{rec.get('height')}")
+    return item, image, info, None

@@ -16,7 +16,7 @@ def test_help_lists_every_stage_and_imports_no_heavy_library():
     code = (
         "import sys; from typer.testing import CliRunner; from cli.main import app; "
         "r = CliRunner().invoke(app, ['--help']); print(r.stdout); "
-        "heavy = [m for m in ('torch', 'open_clip', 'transformers', 'ot', 'pyarrow') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'open_clip', 'transformers', 'ot', 'pyarrow', 'ray') if m in sys.modules]; "
         "print('HEAVY', heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,0 +1,64 @@
+"""The Ray engine's worker code run in-process (no cluster): read/decode blocks and the model actor."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from guardalign.commands.scan import scan
+from guardalign.errors import ConfigError
+from guardalign.pipeline.fragments import plan
+from guardalign.pipeline.ray_engine import DetectActor, read_decode
+from shards import good_shard, write_tar, image_bytes
+
+
+@pytest.fixture()
+def options(tiny_clip_config, tiny_clip_checkpoint):
+    return {"clip_model": str(tiny_clip_config), "pretrained": str(tiny_clip_checkpoint), "device": "cpu",
+            "batch_size": 1}
+
+
+def test_blocks_and_actor_records_are_the_local_records(tmp_path, options):
+    shard = write_tar(tmp_path / "s.tar", [("a.png", image_bytes(1)), ("b.png", image_bytes(2)),
+                                           ("c.json", b"{}"), ("d.png", image_bytes(3))])
+    frag = plan([str(shard)])[0]
+    batch = pa.table({"frag": [7], "fragment": [json.dumps(frag.to_dict())]})
+    blocks = list(read_decode(batch, image_column=None, id_column=None, block_rows=2))
+    rows = [r for b in blocks for r in b.to_pylist()]
+    assert [(r["frag"], r["pos"], r["end"]) for r in rows] == [(7, 0, -1), (7, 1, -1), (7, 2, -1), (7, 3, -1),
+                                                               (7, 4, 4)]  # 4 items, then the sentinel
+    assert rows[2]["error"] and rows[2]["pixels"] is None and rows[0]["width"] == 24
+    actor = DetectActor(options, "jsonl", settings=_settings(options))
+    out = [r for b in blocks for r in actor(b).to_pylist()]
+    assert [r["payload"] is None for r in out] == [False] * 4 + [True]
+    local = tmp_path / "local.jsonl"
+    scan([str(shard)], out=str(local), progress=False, **options)
+    strip = lambda rec: {k: v for k, v in rec.items() if k != "elapsed_s"}  # noqa: E731
+    want = [strip(json.loads(x)) for x in local.read_text().splitlines()]
+    assert [strip(json.loads(r["payload"])) for r in out[:4]] == want
+    assert [(r["id"], r["status"]) for r in out[:4]] == [(w["id"], w["status"]) for w in want]
+
+
+def test_an_actor_whose_detector_differs_from_the_drivers_refuses_to_start(options):
+    other = {**_settings(options), "tau": 0.5}
+    with pytest.raises(ConfigError, match=r"other settings than the driver: tau: 0\.5 → null"):
+        DetectActor(options, "parquet", settings=other)
+
+
+def _settings(options):
+    from guardalign.detection.detector import Detector
+
+    return Detector.from_options(**options).settings()
+
+
+def test_a_fragment_of_files_streams_in_blocks(tmp_path, options):
+    from badinputs import make_good_images
+
+    make_good_images(tmp_path / "imgs", n=5)
+    good_shard(tmp_path / "imgs" / "s.tar", n=1)
+    frags = plan([str(tmp_path / "imgs")])
+    assert [f.kind for f in frags] == ["files", "tar"]
+    batch = pa.table({"frag": [0], "fragment": [json.dumps(frags[0].to_dict())]})
+    sizes = [b.num_rows for b in read_decode(batch, image_column=None, id_column=None, block_rows=2)]
+    assert sizes == [2, 2, 2]  # blocks of 2 decoded items; the last one carries the sentinel
