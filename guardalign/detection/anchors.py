@@ -34,6 +34,8 @@ MAX_PREFIX_CHARS = 20000
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 TOP_KEYS = ("version", "tau", "prefix", "refusal_phrases", "categories")  # all required
+PROBE_KEYS = ("refusal_tokens",)  # optional: the words whose first token `guardalign probe` ranks
+MAX_REFUSAL_TOKENS = 256
 CATEGORY_KEYS = ("name", "description", "variants", "tau")
 CATEGORY_REQUIRED = ("name", "description", "variants")
 
@@ -59,6 +61,7 @@ class AnchorSet:
     refusal_phrases: tuple[str, ...]  # phrases whose presence marks an answer as a refusal
     source: str  # path (or "<string>") it came from
     sha256: str  # hash of the validated content (canonical JSON), not of the file's bytes
+    refusal_tokens: tuple[str, ...] = ()  # optional words for `probe`'s logit lens; () = not given
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -99,7 +102,14 @@ class AnchorSet:
 
     def to_dict(self) -> dict:
         """The validated content as plain data (what :attr:`sha256` hashes)."""
-        return _content(self.version, self.tau, self.prefix, self.refusal_phrases, self.categories)
+        return _content(self.version, self.tau, self.prefix, self.refusal_phrases, self.categories,
+                        self.refusal_tokens)
+
+    def refusal_words(self) -> tuple[str, ...]:
+        """The words `probe` ranks: ``refusal_tokens`` when given, else the first word of each refusal phrase."""
+        if self.refusal_tokens:
+            return self.refusal_tokens
+        return tuple(dict.fromkeys(p.split()[0] for p in self.refusal_phrases))
 
 
 def default_anchors_path() -> Path:
@@ -164,11 +174,14 @@ def parse_anchors(text: str, source: str = "<string>") -> AnchorSet:
         loader.dispose()
 
 
-def _content(version, tau, prefix, phrases, categories) -> dict:
+def _content(version, tau, prefix, phrases, categories, tokens=()) -> dict:
     cats = [{"name": c.name, "description": c.description, "variants": list(c.variants),
              "tau": c.tau} for c in categories]
-    return {"version": version, "tau": tau, "prefix": prefix,
-            "refusal_phrases": list(phrases), "categories": cats}
+    content = {"version": version, "tau": tau, "prefix": prefix,
+               "refusal_phrases": list(phrases), "categories": cats}
+    if tokens:  # only when given, so that files without the key keep their hash
+        content["refusal_tokens"] = list(tokens)
+    return content
 
 
 def _sha256(content: dict) -> str:
@@ -233,15 +246,25 @@ class _Validator:
     # -- structure ---------------------------------------------------------------------------
     def anchor_set(self, root: yaml.Node) -> AnchorSet:
         self.check_tags(root)
-        top = self.mapping(root, "(top level)", TOP_KEYS, TOP_KEYS, what="the anchors file")
+        top = self.mapping(root, "(top level)", TOP_KEYS + PROBE_KEYS, TOP_KEYS, what="the anchors file")
         version = self.version(top["version"])
         tau = self.tau(top["tau"], "tau", allow_null=False)
         prefix = self.string(top["prefix"], "prefix", MAX_PREFIX_CHARS, collapse=False)
         phrases = self.string_list(top["refusal_phrases"], "refusal_phrases", MAX_REFUSAL_PHRASES)
         categories = self.categories(top["categories"])
-        content = _content(version, tau, prefix, phrases, categories)
+        tokens = self.words(top["refusal_tokens"]) if "refusal_tokens" in top else ()
+        content = _content(version, tau, prefix, phrases, categories, tokens)
         return AnchorSet(version=version, tau=tau, categories=categories, prefix=prefix,
-                         refusal_phrases=phrases, source=self.source, sha256=_sha256(content))
+                         refusal_phrases=phrases, source=self.source, sha256=_sha256(content),
+                         refusal_tokens=tokens)
+
+    def words(self, node) -> tuple[str, ...]:
+        """``refusal_tokens``: a list of single words (no spaces)."""
+        words = self.string_list(node, "refusal_tokens", MAX_REFUSAL_TOKENS)
+        for j, (item, word) in enumerate(zip(node.value, words)):
+            if len(word.split()) != 1:
+                raise self.fail(item, f"refusal_tokens[{j}]", f"{word!r} is not a single word (no spaces)")
+        return words
 
     def mapping(self, node, field, allowed, required, what) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
