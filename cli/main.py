@@ -10,6 +10,7 @@ import typer
 from cli import answer as _answer
 from cli import calibrate as _calibrate
 from cli import mask as _mask
+from cli import probe as _probe
 from cli import report as _report
 from cli import scan as _scan
 
@@ -21,6 +22,7 @@ app = typer.Typer(
         "  guardalign scan data/ --out scan.jsonl --fail-on-unsafe\n\n"
         "  guardalign mask data/ --from-scan scan.jsonl --out-dir purified/\n\n"
         "  guardalign answer prompts.jsonl --model llava-hf/llava-1.5-7b-hf --out answers.jsonl\n\n"
+        "  guardalign probe pairs.jsonl --model llava-hf/llava-1.5-7b-hf --out probe.jsonl\n\n"
         "  guardalign report scan.jsonl answers.jsonl -o report.html\n\n"
         "Exit codes: 0 done (gates passed) · 1 a gate failed · 2 usage, config or model error "
         "(nothing written) · 3 finished, but some inputs could not be read."
@@ -53,6 +55,7 @@ app.command("mask", no_args_is_help=True)(_mask.mask_command)
 app.command("answer", no_args_is_help=True)(_answer.answer_command)
 app.command("report", no_args_is_help=True)(_report.report_command)
 app.command("calibrate", no_args_is_help=True)(_calibrate.calibrate_command)
+app.command("probe", no_args_is_help=True)(_probe.probe_command)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper for ``python -m cli.main``
