@@ -32,6 +32,7 @@ _SCAN_KEYS = frozenset({"source", "verdict", "unsafe_patches", "patch_scores", "
                         "categories", "grid", "boxes", "box_categories"})
 _ANSWER_KEYS = frozenset({"response", "refused", "prefix_attention", "prompt", "judge", "generation",
                           "calibration", "detection", "image"})
+_PROBE_KEYS = frozenset({"forms", "cosine", "refusal_tokens", "lens", "top_k", "text_prompt", "layers"})
 
 
 class Collected:
@@ -43,6 +44,7 @@ class Collected:
         self.inputs: list[dict[str, Any]] = []  # {"path", "kind", "read" (malformed included), "malformed"}
         self.scans: list[ScanRun] = []  # one per scan file, in argument order
         self.answers: AnswerPool | None = None  # all answer files pooled
+        self.probe: Any = None  # all probe files pooled (reporting.probe_stats.ProbePool)
         self.malformed: list[dict[str, Any]] = []  # first MAX_LISTED {"path", "where", "error"}
         self.malformed_count = 0  # all malformed records and unusable files
 
@@ -182,11 +184,11 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any, str | None]]:
 
 def _kind(sample: list[Any]) -> str | None:
     dicts = [r for r in sample if isinstance(r, dict)]
-    s = sum(len(_SCAN_KEYS & r.keys()) for r in dicts)
-    a = sum(len(_ANSWER_KEYS & r.keys()) for r in dicts)
-    if s == a:
-        return None
-    return "scan" if s > a else "answers"
+    score = {kind: sum(len(keys & r.keys()) for r in dicts)
+             for kind, keys in (("scan", _SCAN_KEYS), ("answers", _ANSWER_KEYS), ("probe", _PROBE_KEYS))}
+    best = max(score.values())
+    winners = [k for k, v in score.items() if v == best]
+    return winners[0] if best and len(winners) == 1 else None
 
 
 def collect(paths: Sequence[Path], *, max_rows: int = 1000, max_thumbnails: int = 200) -> Collected:
@@ -212,18 +214,22 @@ def collect(paths: Sequence[Path], *, max_rows: int = 1000, max_thumbnails: int 
             for where, _, err in head:
                 if err is not None:
                     data.bad(name, where, err)
-            data.bad(name, "file", "not used: cannot tell scan records from answer records (no known fields"
+            data.bad(name, "file", "not used: cannot tell scan records from answer or probe records (no known fields"
                      f" in the first {len(head)} records)")
             entry.update(read=len(head), malformed=data.malformed_count - before)
             continue
         if kind == "scan":
             sink: Any = ScanRun(name, path.resolve().parent, data.max_rows, data.max_thumbnails)
             data.scans.append(sink)
+        elif kind == "probe":
+            from guardalign.reporting.probe_stats import ProbePool, check_probe
+
+            sink = data.probe = data.probe or ProbePool(data.max_rows)
         else:
             if data.answers is None:
                 data.answers = AnswerPool(data.max_rows)
             sink = data.answers
-        check = check_scan if kind == "scan" else check_answer
+        check = {"scan": check_scan, "answers": check_answer}.get(kind) or check_probe
         for where, rec, err in _chain(head, it):
             entry["read"] += 1
             if err is None:
@@ -255,6 +261,7 @@ def build_summary(data: Collected, *, title: str | None = None) -> dict[str, Any
         "malformed": {"count": data.malformed_count, "items": data.malformed},
         "scan": [run.summary() for run in data.scans],
         "answers": data.answers.summary() if data.answers is not None else None,
+        "probe": data.probe.summary() if data.probe is not None else None,
         "limits": {"max_rows": data.max_rows, "max_thumbnails": data.max_thumbnails, "max_listed": MAX_LISTED},
     }
 
@@ -370,6 +377,10 @@ def render_markdown(summary: dict[str, Any], data: Collected) -> str:
             out += [f"### Prefix attention per layer (mean over {fmt_int(pa['records'])} answers)", ""]
             out += _md_table(["layer", "vanilla", "calibrated"], [
                 [i, fmt_num(v), fmt_num(c)] for i, (v, c) in enumerate(zip(pa["vanilla"], pa["calibrated"]))])
+    if summary.get("probe") is not None:
+        from guardalign.reporting.probe import probe_markdown
+
+        out += probe_markdown(summary["probe"])
     mal = summary["malformed"]
     if mal["count"]:
         out += [f"## Malformed records ({fmt_int(mal['count'])})", ""]
