@@ -11,6 +11,7 @@ from cli import answer as _answer
 from cli import calibrate as _calibrate
 from cli import eval as _eval
 from cli import mask as _mask
+from cli import probe as _probe
 from cli import report as _report
 from cli import scan as _scan
 from cli._common import Command, Group
@@ -39,6 +40,7 @@ app = _App(
         "  guardalign scan data/ --out scan.jsonl --fail-on-unsafe\n\n"
         "  guardalign mask data/ --from-scan scan.jsonl --out-dir purified/\n\n"
         "  guardalign answer prompts.jsonl --model llava-hf/llava-1.5-7b-hf --out answers.jsonl\n\n"
+        "  guardalign probe pairs.jsonl --model llava-hf/llava-1.5-7b-hf --out probe.jsonl\n\n"
         "  guardalign report scan.jsonl answers.jsonl -o report.html\n\n"
         "Exit codes: 0 done (gates passed) · 1 a gate failed · 2 usage, config or model error "
         "(nothing written) · 3 finished, but some inputs could not be read · 4 a gate was asked for but no "
@@ -79,6 +81,7 @@ app.command("answer", cls=Command, no_args_is_help=True)(_answer.answer_command)
 app.command("report", cls=Command, no_args_is_help=True)(_report.report_command)
 app.command("calibrate", cls=Command, no_args_is_help=True)(_calibrate.calibrate_command)
 app.command("eval", cls=Command, no_args_is_help=True)(_eval.eval_command)
+app.command("probe", cls=Command, no_args_is_help=True)(_probe.probe_command)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper for ``python -m cli.main``

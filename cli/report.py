@@ -7,9 +7,9 @@ import typer
 
 from cli._common import call
 
-HELP = """Turn scan and answer records (and mask manifests) into one report: a self-contained HTML page, Markdown or JSON.
+HELP = """Turn scan, answer and probe records (and mask manifests) into one report: a self-contained HTML page, Markdown or JSON.
 
-RECORDS are scan.jsonl / answers.jsonl files (or Parquet), or a mask run's manifest.jsonl; which is which is told from the records. The HTML page inlines everything (CSS, JS, SVG plots, data-URI thumbnails with the patch heatmap) and makes no network request, so it can be mailed around and opened offline. Thumbnails are only drawn from bytes whose SHA-256 matches the record (never another image), are read only from inside the --image-root folders (relative sources are looked up under each), and are blurred for unsafe items until clicked (--no-blur). Answer rows show the image the model saw (purified), the prompt's own category and the answers file they came from. Malformed records are listed as errors in the report.
+RECORDS are scan.jsonl / answers.jsonl / probe.jsonl files (or Parquet), or a mask run's manifest.jsonl; probe records give per-layer line charts (image vs text refusal rank, image–caption cosine, attention) with bootstrap intervals and a per-category table; which is which is told from the records. The HTML page inlines everything (CSS, JS, SVG plots, data-URI thumbnails with the patch heatmap) and makes no network request, so it can be mailed around and opened offline. Thumbnails are only drawn from bytes whose SHA-256 matches the record (never another image), are read only from inside the --image-root folders (relative sources are looked up under each), and are blurred for unsafe items until clicked (--no-blur). Answer rows show the image the model saw (purified), the prompt's own category and the answers file they came from. Malformed records are listed as errors in the report.
 
 Examples:
 
@@ -21,12 +21,14 @@ Examples:
 
   guardalign report scan.jsonl answers.jsonl --format json -o summary.json
 
+  guardalign report probe.jsonl --format md
+
 Exit codes: 0 done · 2 usage error or a missing records file, nothing written · 3 written, but some records were malformed (listed in the report).
 """
 
 
 def report_command(
-    records: List[str] = typer.Argument(..., help="Scan and/or answer record files (.jsonl or .parquet)."),
+    records: List[str] = typer.Argument(..., help="Scan, answer and/or probe record files (.jsonl or .parquet)."),
     out: Optional[str] = typer.Option(
         None, "--out", "-o", help="Output file, '-' for stdout. Default: report.html for html, stdout for md/json."
     ),
@@ -53,7 +55,10 @@ def report_command(
         n_ans = summary["answers"]["records"] if summary["answers"] else 0
         n_mask = sum(r["records"] for r in summary.get("mask", []))
         masks = f", {n_mask:,} mask entries" if summary.get("mask") else ""
-        typer.echo(f"report: {n_scan:,} scan records, {n_ans:,} answers{masks}, {bad:,} malformed → {where}", err=True)
+        n_probe = summary["probe"]["records"] if summary.get("probe") else 0
+        probed = f", {n_probe:,} probe records" if n_probe else ""
+        typer.echo(f"report: {n_scan:,} scan records, {n_ans:,} answers{masks}{probed}, {bad:,} malformed → {where}",
+                   err=True)
     from guardalign.errors import EXIT_OK, EXIT_UNREADABLE
 
     raise typer.Exit(EXIT_UNREADABLE if bad else EXIT_OK)

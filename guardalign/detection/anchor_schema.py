@@ -5,6 +5,9 @@ place; a test checks that the shipped ``anchors/default.yaml`` writes the same d
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import re
 from dataclasses import dataclass
 
@@ -20,7 +23,8 @@ MAX_PREFIX_CHARS = 20000
 MAX_DEPTH = 32  # YAML nesting depth; the schema needs 4 (top, categories, category, variants)
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
-TOP_KEYS = ("version", "tau", "prefix", "refusal_phrases", "categories", "fitted_for")
+TOP_KEYS = ("version", "tau", "prefix", "refusal_phrases", "categories", "fitted_for", "refusal_tokens")
+MAX_REFUSAL_TOKENS = 256  # optional refusal_tokens: the words whose first token `guardalign probe` ranks
 TOP_REQUIRED = ("categories",)
 CATEGORY_KEYS = ("name", "description", "variants", "tau")
 CATEGORY_REQUIRED = ("name", "variants")
@@ -106,3 +110,18 @@ def check_depth(text: str, source: str, error: type[Exception]) -> None:
                 depth -= 1
     except yaml.YAMLError:
         return  # syntax errors are reported, with their line, by the real parse that follows
+
+
+def _content(version, tau, prefix, phrases, categories, tokens=()) -> dict:
+    cats = [{"name": c.name, "description": c.description, "variants": list(c.variants),
+             "tau": c.tau} for c in categories]
+    content = {"version": version, "tau": tau, "prefix": prefix,
+               "refusal_phrases": list(phrases), "categories": cats}
+    if tokens:  # only when given, so that files without the key keep their hash
+        content["refusal_tokens"] = list(tokens)
+    return content
+
+
+def _sha256(content: dict) -> str:
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

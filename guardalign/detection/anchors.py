@@ -28,7 +28,7 @@ import yaml
 from guardalign.detection.anchor_schema import (  # noqa: F401 (re-exported)
     CATEGORY_KEYS, CATEGORY_REQUIRED, DEFAULT_PREFIX, DEFAULT_REFUSAL_PHRASES, DEFAULT_TAU, DEFAULTS, FITTED_KEYS,
     MAX_CATEGORIES, MAX_DEPTH, MAX_FILE_BYTES, MAX_PREFIX_CHARS, MAX_REFUSAL_PHRASES, MAX_TEXT_CHARS, MAX_VARIANTS,
-    NAME_RE, SUPPORTED_VERSIONS, TOP_KEYS, TOP_REQUIRED, FittedFor, check_depth,
+    MAX_REFUSAL_TOKENS, NAME_RE, _content, _sha256, SUPPORTED_VERSIONS, TOP_KEYS, TOP_REQUIRED, FittedFor, check_depth,
 )
 from guardalign.errors import ConfigError
 
@@ -54,6 +54,7 @@ class AnchorSet:
     source: str  # path (or "<string>") it came from
     sha256: str  # hash of the validated content (canonical JSON), not of the file's bytes
     fitted_for: FittedFor | None = None  # settings its τ was fitted for (not part of sha256), None if unknown
+    refusal_tokens: tuple[str, ...] = ()  # optional words for `probe`'s logit lens; () = not given
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -94,7 +95,14 @@ class AnchorSet:
 
     def to_dict(self) -> dict:
         """The validated content as plain data (what :attr:`sha256` hashes)."""
-        return _content(self.version, self.tau, self.prefix, self.refusal_phrases, self.categories)
+        return _content(self.version, self.tau, self.prefix, self.refusal_phrases, self.categories,
+                        self.refusal_tokens)
+
+    def refusal_words(self) -> tuple[str, ...]:
+        """The words `probe` ranks: ``refusal_tokens`` when given, else the first word of each refusal phrase."""
+        if self.refusal_tokens:
+            return self.refusal_tokens
+        return tuple(dict.fromkeys(p.split()[0] for p in self.refusal_phrases))
 
 
 def default_anchors_path() -> Path:
@@ -163,18 +171,6 @@ def parse_anchors(text: str, source: str = "<string>") -> AnchorSet:
         loader.dispose()
 
 
-def _content(version, tau, prefix, phrases, categories) -> dict:
-    cats = [{"name": c.name, "description": c.description, "variants": list(c.variants),
-             "tau": c.tau} for c in categories]
-    return {"version": version, "tau": tau, "prefix": prefix,
-            "refusal_phrases": list(phrases), "categories": cats}
-
-
-def _sha256(content: dict) -> str:
-    blob = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
 def _check_override(tau: float) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or not 0 <= tau <= 2:
         raise AnchorError(f"tau override {tau!r}: expected a number in [0, 2] (a cost 1 − cos; 0 flags nothing)")
@@ -241,9 +237,19 @@ class _Validator:
                    if "refusal_phrases" in top else DEFAULTS["refusal_phrases"])
         categories = self.categories(top["categories"])
         fitted = self.fitted_for(top["fitted_for"]) if "fitted_for" in top else None
-        content = _content(version, tau, prefix, phrases, categories)
+        tokens = self.words(top["refusal_tokens"]) if "refusal_tokens" in top else ()
+        content = _content(version, tau, prefix, phrases, categories, tokens)
         return AnchorSet(version=version, tau=tau, categories=categories, prefix=prefix,
-                         refusal_phrases=phrases, source=self.source, sha256=_sha256(content), fitted_for=fitted)
+                         refusal_phrases=phrases, source=self.source, sha256=_sha256(content), fitted_for=fitted,
+                         refusal_tokens=tokens)
+
+    def words(self, node) -> tuple[str, ...]:
+        """``refusal_tokens``: a list of single words (no spaces)."""
+        words = self.string_list(node, "refusal_tokens", MAX_REFUSAL_TOKENS)
+        for j, (item, word) in enumerate(zip(node.value, words)):
+            if len(word.split()) != 1:
+                raise self.fail(item, f"refusal_tokens[{j}]", f"{word!r} is not a single word (no spaces)")
+        return words
 
     def fitted_for(self, node) -> FittedFor | None:
         """The optional ``fitted_for`` mapping: {model, pretrained, method, patches: str; grid: int; stride: float}."""

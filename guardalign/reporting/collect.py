@@ -36,6 +36,7 @@ _SCAN_KEYS = frozenset({"source", "verdict", "unsafe_patches", "patch_scores", "
                         "categories", "grid", "boxes", "box_categories"})
 _ANSWER_KEYS = frozenset({"response", "refused", "prefix_attention", "prompt", "judge", "generation",
                           "calibration", "detection", "image"})
+_PROBE_KEYS = frozenset({"forms", "cosine", "refusal_tokens", "lens", "top_k", "text_prompt", "layers"})
 
 
 class Collected:
@@ -48,6 +49,7 @@ class Collected:
         self.scans: list[ScanRun] = []  # one per scan file, in argument order
         self.answers: AnswerPool | None = None  # all answer files pooled
         self.masks: list[MaskRun] = []  # one per mask manifest, in argument order
+        self.probe: Any = None  # all probe files pooled (reporting.probe_stats.ProbePool)
         self.malformed: list[dict[str, Any]] = []  # first MAX_LISTED {"path", "where", "error"}
         self.malformed_count = 0  # all malformed records and unusable files
 
@@ -186,7 +188,8 @@ def _kind(sample: list[Any]) -> str | None:
     """"scan", "answers" or "mask" (a mask manifest.jsonl), by which kind's own fields the records have most."""
     dicts = [r for r in sample if isinstance(r, dict)]
     score = {kind: sum(len(keys & r.keys()) for r in dicts)
-             for kind, keys in (("scan", _SCAN_KEYS), ("answers", _ANSWER_KEYS), ("mask", _MASK_KEYS))}
+             for kind, keys in (("scan", _SCAN_KEYS), ("answers", _ANSWER_KEYS), ("mask", _MASK_KEYS),
+                                ("probe", _PROBE_KEYS))}
     best = max(score.values())
     winners = [k for k, v in score.items() if v == best]
     return winners[0] if best and len(winners) == 1 else None
@@ -215,8 +218,8 @@ def collect(paths: Sequence[Path], *, max_rows: int = 1000, max_thumbnails: int 
             for where, _, err in head:
                 if err is not None:
                     data.bad(name, where, err)
-            data.bad(name, "file", "not used: cannot tell scan records, answer records and mask manifest entries "
-                     f"apart (no known fields in the first {len(head)} records)")
+            data.bad(name, "file", "not used: cannot tell scan records, answer records, probe records and mask "
+                     f"manifest entries apart (no known fields in the first {len(head)} records)")
             entry.update(read=len(head), malformed=data.malformed_count - before)
             continue
         if kind == "scan":
@@ -225,11 +228,15 @@ def collect(paths: Sequence[Path], *, max_rows: int = 1000, max_thumbnails: int 
         elif kind == "mask":
             sink = MaskRun(name)
             data.masks.append(sink)
+        elif kind == "probe":
+            from guardalign.reporting.probe_stats import ProbePool, check_probe
+
+            sink = data.probe = data.probe or ProbePool(data.max_rows)
         else:
             if data.answers is None:
                 data.answers = AnswerPool(data.max_rows)
             sink = data.answers
-        check = {"scan": check_scan, "mask": check_mask, "answers": check_answer}[kind]
+        check = {"scan": check_scan, "mask": check_mask, "answers": check_answer}.get(kind) or check_probe
         for where, rec, err in _chain(head, it):
             entry["read"] += 1
             if err is None:
@@ -265,5 +272,6 @@ def build_summary(data: Collected, *, title: str | None = None) -> dict[str, Any
         "scan": [run.summary() for run in data.scans],
         "answers": data.answers.summary() if data.answers is not None else None,
         "mask": [run.summary() for run in data.masks],
+        "probe": data.probe.summary() if data.probe is not None else None,
         "limits": {"max_rows": data.max_rows, "max_thumbnails": data.max_thumbnails, "max_listed": MAX_LISTED},
     }

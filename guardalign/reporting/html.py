@@ -111,6 +111,10 @@ def render_html(summary: dict[str, Any], data: Any, *, image_roots: list[Path], 
         body.append(_mask_section(i, run))
     if summary["answers"] is not None:
         body.append(_answers_section(summary["answers"], data.answers.rows(), summary["limits"], roots, blur))
+    if summary.get("probe") is not None:
+        from guardalign.reporting.probe import probe_html
+
+        body.append(probe_html(summary["probe"]))
     body.append(_malformed(summary["malformed"], summary["limits"]))
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
