@@ -7,9 +7,8 @@ Two ways to get patch embeddings (DESIGN §1.1 "Patches", §4 "Dense CLIP featur
 - ``dense_patches``: one forward pass; the last block's patch tokens go through the MaskCLIP value
   path ``out_proj(v)`` (no residual, no FFN), then ``ln_post`` and ``proj``.
 
-Both return pixel boxes in the original image (window geometry and the dense value path live in
-:mod:`guardalign.models.patches`). Heavy imports: torch at module level (this module is only imported lazily
-by the CLI); open_clip inside functions.
+Both return pixel boxes in the original image (geometry: :mod:`guardalign.models.patches`). torch is imported at
+module level (the CLI imports this module lazily), open_clip inside functions.
 """
 from __future__ import annotations
 
