@@ -1,27 +1,87 @@
-"""Shared plumbing for the Typer commands: turn library errors into a message and an exit code."""
+"""Shared plumbing for the Typer commands: turn every failure into one line and a documented exit code."""
 from __future__ import annotations
 
 import sys
 from typing import Any, Callable
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+
+DEBUG = {"on": False}  # set by the global --debug option (or GUARDALIGN_DEBUG=1): show tracebacks
+
+
+def debug_enabled() -> bool:
+    import os
+
+    return DEBUG["on"] or os.environ.get("GUARDALIGN_DEBUG", "") not in ("", "0")
 
 
 def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """Call a library entry point; a GuardalignError becomes 'error: …' on stderr and its exit code (2).
+    """Call a library entry point and turn every failure into one line on stderr and a documented exit code.
 
-    KeyboardInterrupt exits 130 without a traceback; anything else is a bug and keeps its traceback.
+    A GuardalignError exits with its own code (2 usage/config/model/input, 4 nothing scanned under a gate,
+    5 output not written); Ctrl-C exits 130; anything else is a bug: exit 70 with one line, and the
+    traceback only with ``guardalign --debug``.
     """
-    from guardalign.errors import GuardalignError
+    from guardalign.errors import EXIT_INTERRUPTED, GuardalignError
 
     try:
         return fn(**kwargs)
     except GuardalignError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last resort: never a bare traceback, never exit 1
+        internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> None:
+    """Report an unexpected exception in one line (plus the traceback with --debug); exit 70."""
+    import traceback
+
+    from guardalign.errors import EXIT_INTERNAL
+
+    if debug_enabled():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    typer.echo(f"internal error: {type(exc).__name__}: {_one_line(exc)} (a bug; rerun with "
+               "'guardalign --debug ...' for the traceback)", err=True)
+    raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    from guardalign.pathnames import printable
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return printable(text)
+
+
+def _hide_flag_types(params: list) -> list:
+    """Give flags an empty metavar: Typer's rich help prints an option's metavar, else its type, in the type
+    column, so a flag would read ``<bool>`` and suggest ``--resume true`` (which click rejects). Flags take no
+    value, so the column stays empty for them."""
+    for p in params:  # Typer vendors its own click: test by duck type, not isinstance(click.Option)
+        if getattr(p, "param_type_name", "") == "option" and getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """Every guardalign command: Typer's, with flags shown without a value type in --help."""
+
+    def get_params(self, ctx):
+        return _hide_flag_types(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The root ``guardalign`` group, with the same flag display as :class:`Command`."""
+
+    def get_params(self, ctx):
+        return _hide_flag_types(super().get_params(ctx))
 
 
 def stdin_if_dash(paths: list[str]):
@@ -43,7 +103,7 @@ IMAGE_COLUMN = typer.Option(None, "--image-column", help="Parquet image column (
 ID_COLUMN = typer.Option(None, "--id-column", help="Parquet column to use as record id (default: file#row).")
 BATCH_SIZE = typer.Option(32, "--batch-size", help="Images per model batch.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 …")
-WORKERS = typer.Option(4, "--workers", help="Image-decoding threads.")
+WORKERS = typer.Option(4, "--workers", min=1, help="Image-decoding threads (≥ 1).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")
 
 # The Ray engine (scan and mask): `--engine ray` runs the same stages on a Ray cluster (pip install 'guardalign[ray]').

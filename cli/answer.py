@@ -14,6 +14,8 @@ Each PROMPTS line is {"id", "prompt", "image" (path relative to the JSONL file),
 
 Supported models (hub id or local directory): LLaVA-1.5, LLaVA-NeXT (llava-hf/*), Qwen2-VL, Qwen2.5-VL, Llama-3.2-Vision.
 
+Calibration modes (--calibration): each changes the attention scores Z = QKᵀ/√d that the question and every generated token pay to the safety-prefix tokens, in the --layers only. scale (default): Z·(1+γ) where Z > 0, so only positive attention to the prefix is amplified. paper: GuardAlign's Eq. 13 as printed, Z + γ·max(0, Z)·Z, which grows with the square of Z. pai: Z + γ·|Z|, as in PAI (ECCV 2024). off: no calibration (γ and --layers are ignored). With γ = 0 every mode gives the plain model's output.
+
 Examples:
 
   guardalign answer prompts.jsonl --model llava-hf/llava-1.5-7b-hf --out answers.jsonl
@@ -30,7 +32,7 @@ def answer_command(
     prompts: str = typer.Argument(..., metavar="PROMPTS", help="Prompts JSONL file, or '-' for stdin."),
     model: str = typer.Option(..., "--model", "-m", help="LVLM hub id or local directory."),
     out: str = typer.Option(..., "--out", "-o", help="Output JSONL file ('-' for stdout)."),
-    calibration: str = typer.Option("scale", "--calibration", help="scale | paper | pai | off."),
+    calibration: str = typer.Option("scale", "--calibration", help="scale: Z·(1+γ) where Z>0 · paper: Z + γ·max(0,Z)·Z (Eq. 13) · pai: Z + γ|Z| · off (see above)."),
     gamma: float = typer.Option(0.5, "--gamma", help="Amplification γ ≥ 0 (0 = uncalibrated)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Calibrated decoder layers START:STOP (default: the middle half)."),
     prefix: Optional[str] = typer.Option(None, "--prefix", help="Safety prefix text (default: the anchors YAML's prefix; '' for none)."),

@@ -5,7 +5,6 @@ The block between ``<!-- cli-reference -->`` and ``<!-- /cli-reference -->`` is 
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -48,9 +47,9 @@ def main() -> int:
     text = README.read_text()
     new = render(text)
     if new != text:
-        tmp = README.with_suffix(".tmp")
-        tmp.write_text(new)
-        os.replace(tmp, README)
+        from guardalign.io.durable import atomic_write
+
+        atomic_write(README, new)
         print(f"updated {README}", file=sys.stderr)
     return 0
 

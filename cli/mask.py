@@ -22,7 +22,7 @@ Examples:
 
   guardalign mask train.parquet --out-dir clean/ --fill blur --dilate 8 --only-unsafe
 
-  guardalign mask /shared/shards/ --engine ray --concurrency 4 --out-dir /shared/clean/   # a shared folder
+  guardalign mask data/ --engine ray --concurrency 1 --out-dir clean/   # on Ray: --out-dir on a folder every node shares
 
 Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other anchors or model (nothing written) · 3 finished, but some items have no output (unreadable, missing from the scan, changed since the scan, or an existing output not overwritten); see manifest.jsonl.
 """
@@ -31,10 +31,11 @@ Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other
 def mask_command(
     inputs: List[str] = INPUTS,
     out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder for purified copies and manifest.jsonl (never an input folder)."),
-    from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning; its model and anchors must match --clip-model/--pretrained/--anchors (the other detection flags do not apply). An image whose bytes differ from the scanned sha256 is an error, not copied."),
+    from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning. The scan's records say which model, anchors and settings made them, so no model is loaded and the detection flags do not apply (an --anchors given must be the scan's). An image whose bytes differ from the scanned sha256 is an error, not copied."),
     fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur or pixelate."),
     dilate: int = typer.Option(0, "--dilate", help="Grow every masked box by PX pixels on each side."),
-    overlay: bool = typer.Option(False, "--overlay", help="Also write a ≤512 px reviewer image (patch heatmap, labelled unsafe boxes) beside each flagged image."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write a ≤512 px reviewer image (patch heatmap, labelled unsafe boxes) per flagged image, into <out-dir>.overlays/ (outside the purified folder)."),
+    overlay_dir: Optional[str] = typer.Option(None, "--overlay-dir", help="Folder for the reviewer images (implies --overlay; must not overlap --out-dir or an input)."),
     only_unsafe: bool = typer.Option(False, "--only-unsafe", help="Write only the purified unsafe images (Parquet: only their rows); skip safe ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs that differ (never the originals)."),
     force: bool = typer.Option(False, "--force", help="Allow an --out-dir inside an input folder (its contents are then not read as inputs)."),
@@ -62,7 +63,7 @@ def mask_command(
 
     summary = call(
         mask,
-        inputs=inputs, out_dir=out_dir, from_scan=from_scan, fill=fill, dilate=dilate, overlay=overlay,
+        inputs=inputs, out_dir=out_dir, from_scan=from_scan, fill=fill, dilate=dilate, overlay=overlay, overlay_dir=overlay_dir,
         only_unsafe=only_unsafe, overwrite=overwrite, force=force, anchors=anchors, clip_model=clip_model,
         pretrained=pretrained, method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta,
         image_column=image_column, id_column=id_column, batch_size=batch_size, device=device, workers=workers,

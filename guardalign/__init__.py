@@ -1,8 +1,8 @@
 """guardalign: keep unsafe images out of vision-language models and their training data.
 
 The library entry points mirror the commands, keyword for keyword: ``guardalign.scan(...)``,
-``guardalign.mask(...)``, ``guardalign.answer(...)``, ``guardalign.calibrate(...)`` and
-``guardalign.report(...)``. Heavy dependencies (torch, open_clip, transformers) are imported lazily, so
+``guardalign.mask(...)``, ``guardalign.answer(...)``, ``guardalign.calibrate(...)``,
+``guardalign.report(...)`` and ``guardalign.probe(...)``; ``guardalign.evaluate(...)`` is ``guardalign eval``. Heavy dependencies (torch, open_clip, transformers) are imported lazily, so
 ``import guardalign`` and ``guardalign --help`` stay fast.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ _ENTRY_POINTS = {
     "answer": "guardalign.commands.answer",
     "calibrate": "guardalign.commands.calibrate",
     "report": "guardalign.commands.report",
+    "evaluate": "guardalign.commands.eval",  # ``guardalign eval``; ``eval`` would shadow the builtin
+    "probe": "guardalign.commands.probe",
 }
 __all__ = ["__version__", "GuardalignError", "ConfigError", "InputError", "ModelLoadError", *_ENTRY_POINTS]
 

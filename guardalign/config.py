@@ -43,7 +43,7 @@ class DetectConfig:
     grid: int = 3  # grid mode: windows per side
     stride: float = 1.0  # grid mode: window stride as a fraction of the window; < 1 overlaps windows
     scales: tuple[int, ...] = ()  # grid mode: extra grid sizes to add (multi-scale), e.g. (2, 4)
-    tau: float | None = None  # override every category's τ (None: take τ from the anchors YAML)
+    tau: float | None = None  # override every category's τ in [0, 2] (None: take τ from the anchors YAML; 0 flags nothing)
     theta: float = 0.16  # global method: unsafe when cos(image, category mean) ≥ θ (ETA's value)
     eps: float = 0.05  # entropic regularisation ε of the Sinkhorn problems
     max_iter: int = 1000  # Sinkhorn iteration cap
@@ -63,7 +63,7 @@ class DetectConfig:
             ("grid", isinstance(self.grid, int) and 1 <= self.grid <= 32, "an integer in [1, 32]"),
             ("stride", 0 < self.stride <= 1, "a fraction in (0, 1]"),
             ("scales", all(isinstance(s, int) and 1 <= s <= 32 for s in self.scales), "integers in [1, 32]"),
-            ("tau", self.tau is None or 0 < self.tau <= 2, "a number in (0, 2] (a cost 1 − cos)"),
+            ("tau", self.tau is None or 0 <= self.tau <= 2, "a number in [0, 2] (a cost 1 − cos; 0 flags nothing)"),
             ("theta", -1 <= self.theta <= 1, "a cosine in [-1, 1]"),
             ("eps", self.eps > 0, "a positive number"),
             ("patch_weighting", self.patch_weighting in WEIGHTINGS, f"one of {WEIGHTINGS}"),

@@ -1,8 +1,9 @@
 """What flows through the pipeline and what it writes, defined once.
 
 - :class:`Item` (a source's unit of work) and :class:`Decoded` (an item with its pixels);
-- the record schemas: :data:`SCAN_RECORD` (``scan``), :data:`ANSWER_RECORD` (``answer``) and
-  :data:`MASK_ENTRY` (``mask``'s ``manifest.jsonl``), each a tuple of :class:`Field` with its type and meaning.
+- the record schemas: :data:`SCAN_RECORD` (``scan``), :data:`ANSWER_RECORD` (``answer``), :data:`EVAL_RECORD` (``eval``),
+  :data:`MASK_ENTRY` (``mask``'s ``manifest.jsonl``) and :data:`PROBE_RECORD` (``probe``), each a tuple of
+  :class:`Field` with its type and meaning.
 
 The Parquet schema of scan records (:func:`arrow_schema`), the fields ``mask --from-scan`` keeps, the report's
 provenance columns and the reference in ``docs/records.md`` (:func:`render_reference`, checked by a test)
@@ -65,6 +66,7 @@ SCAN_RECORD: tuple[Field, ...] = (
     Field("notes", "list<string>", "remarks: animated image (first frame used), EXIF rotation applied"),
     Field("elapsed_s", "double", "amortised model seconds for this image"),
     Field("sha256", "string", "SHA-256 of the image's stored bytes; `mask --from-scan` refuses an image that changed"),
+    Field("image_column", "string", "Parquet inputs: the column the image was read from (`report` reads the same one); null for files"),
     Field("settings", "json", "every setting that shaped the verdict; `--resume` refuses a run whose settings differ"),
 )
 
@@ -85,6 +87,30 @@ ANSWER_RECORD: tuple[Field, ...] = (
     Field("generation", "json", "{max_new_tokens, new_tokens, finish, do_sample}"),
     Field("calibration", "json", "what ran: {mode, gamma, layers, prefix_at, prefix}; gamma/layers null when mode is off"),
     Field("anchors_sha256", "string", "SHA-256 of the anchor set used for detection and the prefix"),
+    Field("settings", "json", "every setting that shaped the answer; `--resume` refuses a run whose settings differ"),
+)
+
+EVAL_RECORD: tuple[Field, ...] = (
+    Field("id", "string", "`<item id>@<defence>`: one record per benchmark item and defence"),
+    Field("item_id", "string", "the benchmark item: `<benchmark label>/<the benchmark's own id>`"),
+    Field("benchmark", "string", "the benchmark label (figstep, mmsafety, ..., or the spec's label=)"),
+    Field("defence", "string", "vanilla, prefix, eta-detect, ot, calibration or guardalign"),
+    Field("source", "string", "where the item came from: `<annotation file>#<row or key>`"),
+    Field("category", "string", "the benchmark's category of the item (scenario, policy, class1, ...)"),
+    Field("prompt", "string", "the text asked with the image"),
+    Field("reference", "json", "the benchmark's own fields for the item (original question, key phrase, subset, ...)"),
+    Field("status", "string", "`ok`, or `error` (bad row, unreadable image, model failure)"),
+    Field("error", "string", "the cause of an error record, naming the file and row"),
+    Field("image_sha256", "string", "SHA-256 of the image bytes as stored (before purification)"),
+    Field("detection", "json", "{ot: {verdict, score, category, boxes, masked_boxes}, precheck: {verdict, score, "
+                               "category, threshold}} for the defences that detect; null otherwise"),
+    Field("applied", "json", "what this defence did to this item: {purified, prefix, calibrated}"),
+    Field("response", "string", "the model's answer"),
+    Field("refused", "bool", "the anchors' refusal phrases matched (as `answer`'s `refused`)"),
+    Field("judges", "json", "{judge label: {model, unsafe, raw, categories, score?, details?, target?}}"),
+    Field("reused_from", "string", "the defence whose identical generation (same image, prefix, calibration) this reuses"),
+    Field("generation", "json", "{max_new_tokens, new_tokens, finish}"),
+    Field("utility", "json", "utility items only: {answers, exact_match}"),
     Field("settings", "json", "every setting that shaped the answer; `--resume` refuses a run whose settings differ"),
 )
 
@@ -109,13 +135,46 @@ MASK_ENTRY: tuple[Field, ...] = (
     Field("settings", "json", "the settings of the mask run (fill, dilate, detection settings)"),
 )
 
+PROBE_RECORD: tuple[Field, ...] = (
+    Field("id", "string", "the pair's id (JSONL `id`; FigStep `dataset_categoryid_taskid`)"),
+    Field("image", "string", "the image path as written in the pairs file (FigStep: relative to the folder)"),
+    Field("image_sha256", "string", "SHA-256 of the image bytes the model was shown (before any purification)"),
+    Field("category", "string", "the pair's category (JSONL `category`; FigStep `category_name`)"),
+    Field("text", "string", "the equivalent text: a caption, or the text the image shows"),
+    Field("prompt", "string", "the question of the image forms"),
+    Field("text_prompt", "string", "the question of the text form: the template with the text in it"),
+    Field("status", "string", "`ok`, or `error` (bad line or row, unreadable image, model failure)"),
+    Field("error", "string", "the cause of an error record, naming the file and line"),
+    Field("layers", "int32", "L, the number of decoder layers; every per-layer array has L entries (layer 0 first)"),
+    Field("forms", "json", "per form (`image`, `text`, and the defences `prefix`, `calibration`, `guardalign`): "
+          "{rank: best refusal-token rank per layer (1 = top-1), ranks: per refusal token (as in `refusal_tokens`) "
+          "its rank per layer, top1: the lens's top token id per layer, next_token: the last layer's top token, "
+          "first_topk / first_top1: first layer where a refusal token is in the top-k / top-1 (null: never), "
+          "refused: a refusal token is top-1 at the last layer, attention: {span: mass per layer} of the last "
+          "position on `image` / `caption` / `text` / `prefix` tokens (null on layers without self-attention), "
+          "cosine (`image`, `guardalign`): as the record's `cosine`, for that form's image}"),
+    Field("cosine", "list<double>", "per layer: cosine of the mean hidden state of the image tokens (image form) "
+          "and of the caption's tokens with the caption fed alone"),
+    Field("detection", "json", "the `guardalign` defence's detection {verdict, score, category, boxes, masked_boxes, "
+          "purified}; null without it"),
+    Field("model", "json", "the LVLM's provenance {id, family, revision, dtype}"),
+    Field("anchors_sha256", "string", "SHA-256 of the anchor set (refusal words, prefix, detector categories)"),
+    Field("lens", "string", "`standard` (final norm, then LM head) or `raw` (LM head on un-normed states below "
+          "the last layer, as the TGA authors' code)"),
+    Field("top_k", "int32", "k of `first_topk`"),
+    Field("refusal_tokens", "json", "the token ids ranked: [{word, text, id, token}], each the first token of a "
+          "refusal word tokenised with or without a leading space"),
+    Field("settings", "json", "every setting that shaped the record; `--resume` refuses a run whose settings differ"),
+)
+
 # Scan fields that ``mask --from-scan`` needs from a record.
 MASK_NEEDS = ("status", "error", "verdict", "category", "boxes", "box_categories", "unsafe_patches", "patch_boxes",
               "patch_scores", "threshold", "width", "height", "method", "sha256", "settings", "model",
               "anchors_sha256")
 # Fields that tell which detector produced a scan record (shown per run in reports).
 PROVENANCE = ("method", "patches", "model", "anchors_sha256")
-RECORD_KINDS = {"scan": SCAN_RECORD, "answer": ANSWER_RECORD, "mask manifest": MASK_ENTRY}
+RECORD_KINDS = {"scan": SCAN_RECORD, "answer": ANSWER_RECORD, "eval": EVAL_RECORD, "mask manifest": MASK_ENTRY,
+                "probe": PROBE_RECORD}
 
 
 def names(fields: tuple[Field, ...]) -> tuple[str, ...]:
@@ -141,8 +200,8 @@ def render_reference() -> str:
     lines = ["# Records reference", "",
              "Generated from `guardalign/records.py` by `python -m guardalign.records` (a test fails when it is",
              "stale). JSONL lines are strict JSON; in Parquet, `json` fields are JSON text columns.", ""]
-    titles = {"scan": "`scan` records", "answer": "`answer` records",
-              "mask manifest": "`mask` manifest (`manifest.jsonl` in --out-dir)"}
+    titles = {"scan": "`scan` records", "answer": "`answer` records", "eval": "`eval` records (records.jsonl in --out)",
+              "mask manifest": "`mask` manifest (`manifest.jsonl` in --out-dir)", "probe": "`probe` records"}
     for kind, fields in RECORD_KINDS.items():
         lines += [f"## {titles[kind]}", "", "| field | type | meaning |", "|---|---|---|"]
         lines += [f"| `{f.name}` | {f.type} | {f.doc} |" for f in fields]

@@ -227,7 +227,8 @@ def _mllama(tokenizer, max_pos):
 
 
 def make_tiny_lvlm(
-    family: str, path: str | Path, *, chat_template: bool = True, max_positions: int = 512, seed: int = 0
+    family: str, path: str | Path, *, chat_template: bool = True, max_positions: int = 512, seed: int = 0,
+    text_layers: int | None = None,
 ) -> Path:
     """Build a random tiny model of ``family`` and save model + processor under ``path``.
 
@@ -238,7 +239,17 @@ def make_tiny_lvlm(
         none, so the loader must fall back to its own family default.
     max_positions : int
         The text model's context window (``max_position_embeddings``).
+    text_layers : int, optional
+        Decoder layers of the language model (default 4), e.g. enough for an example's ``--layers 6:20``.
     """
+    if text_layers is not None:
+        saved = dict(_TINY_TEXT)
+        _TINY_TEXT["num_hidden_layers"] = text_layers
+        try:
+            return make_tiny_lvlm(family, path, chat_template=chat_template, max_positions=max_positions, seed=seed)
+        finally:
+            _TINY_TEXT.clear()
+            _TINY_TEXT.update(saved)
     import torch
 
     from guardalign.models.lvlm import DEFAULT_CHAT_TEMPLATES

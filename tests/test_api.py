@@ -26,7 +26,7 @@ def clip_flags(tiny_clip_config, tiny_clip_checkpoint):
 def test_entry_points_are_the_functions_every_time():
     import guardalign.commands.scan  # noqa: F401  (importing the module must not shadow the function)
 
-    for name in ("scan", "mask", "answer", "calibrate", "report"):
+    for name in ("scan", "mask", "answer", "calibrate", "report", "probe"):
         first, second = getattr(guardalign, name), getattr(guardalign, name)
         assert callable(first) and first is second and first.__name__ == name, name
     assert set(("scan", "calibrate")) <= set(dir(guardalign))

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "guardalign"
 # Rank of each layer: a module may import its own sub-package or a strictly lower rank.
-RANK = {"records": 0, "config": 0, "errors": 0, "io": 1, "attention": 1, "models": 2, "detection": 3,
+RANK = {"pathnames": -1, "records": 0, "config": 0, "errors": 0, "io": 1, "attention": 1, "models": 2, "detection": 3,
         "pipeline": 4, "reporting": 4, "commands": 5, "__init__": 6}
 BOTTOM = {"records", "config", "errors"}
 

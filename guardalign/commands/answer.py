@@ -6,7 +6,6 @@ becomes a ``status: error`` record and the run goes on.
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +76,11 @@ def read_prompts(prompts: str | Path, stdin: TextIO | None = None, image_root: s
             raise InputError(f"--image-root {image_root}: no such directory")
     items: list[PromptItem] = []
     first_line: dict[str, int] = {}
-    for n, raw in enumerate(raw_lines.splitlines(), 1):
-        if not raw.strip():
-            continue
-        item = _parse_line(raw, n, name, base)
+    from guardalign.io.jsonl import iter_lines
+
+    for line in iter_lines(raw_lines):  # the shared reader: BOM dropped, bad lines are values, never raises
+        n = line.n
+        item = _parse_line(line, name, base)
         if item.error is None and item.id in first_line:
             item = PromptItem(f"{name}#{n}", n, None, item.image, None, item.category,
                               f"{name}:{n}: duplicate id {item.id!r} (first used on line {first_line[item.id]})")
@@ -90,17 +90,13 @@ def read_prompts(prompts: str | Path, stdin: TextIO | None = None, image_root: s
     return items
 
 
-def _parse_line(raw: bytes, n: int, name: str, base: Path) -> PromptItem:
+def _parse_line(line, name: str, base: Path) -> PromptItem:
+    n = line.n
     where = f"{name}:{n}"
     fallback = f"{name}#{n}"
-    try:
-        obj = json.loads(raw.decode("utf-8-sig"))  # a BOM (on line 1) is not part of the JSON
-    except RecursionError:
-        return PromptItem(fallback, n, None, None, None, None, f"{where}: JSON nested too deeply")
-    except UnicodeDecodeError as e:
-        return PromptItem(fallback, n, None, None, None, None, f"{where}: not UTF-8 ({e})")
-    except ValueError as e:
-        return PromptItem(fallback, n, None, None, None, None, f"{where}: malformed JSON ({e})")
+    if line.error is not None:
+        return PromptItem(fallback, n, None, None, None, None, f"{where}: {line.error}")
+    obj = line.value
     if not isinstance(obj, dict):
         return PromptItem(fallback, n, None, None, None, None, f"{where}: expected a JSON object, got {type(obj).__name__}")
     rid = obj.get("id")
@@ -112,8 +108,8 @@ def _parse_line(raw: bytes, n: int, name: str, base: Path) -> PromptItem:
     if missing:
         detail = ", ".join(f"'{f}'" + ("" if f not in obj else " (empty or not a string)") for f in missing)
         return PromptItem(rid or fallback, n, prompt, image, None, category, f"{where}: missing field {detail}")
-    if "\0" in image:
-        return PromptItem(rid, n, prompt, image, None, category, f"{where}: field 'image' contains a NUL byte")
+    if "\x00" in image:
+        return PromptItem(rid, n, prompt, None, None, category, f"{where}: field 'image' contains a NUL byte")
     path = Path(image)
     return PromptItem(rid, n, prompt, image, path if path.is_absolute() else base / path, category)
 

@@ -4,8 +4,8 @@ Flow: labelled JSONL → scores (score the images, reuse a scan with ``from_scan
 scan fields already on each line) → ROC (guardalign/roc.py) → τ with the highest TPR whose FPR on
 the labelled safe images is ≤ the target (globally; with ``per_category`` also one τ per category,
 from its own labelled positives against every safe image, all at the common FPR level that keeps
-the combined FPR ≤ the target) → a copy of the anchors YAML in which only ``tau`` keys change,
-written atomically. ``calibrate(...)``'s keyword arguments mirror the
+the combined FPR ≤ the target) → a copy of the anchors YAML in which only ``tau`` keys change and a
+``fitted_for`` mapping records the settings the scores were made with, written atomically. ``calibrate(...)``'s keyword arguments mirror the
 CLI flags.
 
 Labelled lines: ``{"image": "path", "label": "safe"|"unsafe", "category": "name"?, "id": "..."?}``,
@@ -13,17 +13,19 @@ image paths relative to the JSONL file. A line may instead be a scan record with
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guardalign.config import DetectConfig, EncoderConfig
-from guardalign.detection.anchors_edit import tuned_yaml, write_tuned_anchors  # noqa: F401 (re-exported)
-from guardalign.errors import ConfigError, InputError
+from guardalign.commands.anchors_out import write_tuned_anchors  # noqa: F401 (re-exported)
+from guardalign.commands.calibrate_report import (  # noqa: F401 (re-exported)
+    MAX_SHOWN_ISSUES, MIN_PER_LABEL, fitted_for, print_report, small_sample_warnings,
+)
+from guardalign.detection.anchors_edit import tuned_yaml  # noqa: F401 (re-exported)
+from guardalign.errors import EXIT_OK, EXIT_UNREADABLE, ConfigError, InputError
 
-MAX_SHOWN_ISSUES = 20
 _GLOBAL_NO_YAML = ("the global method's θ is a scan flag, not an anchors field: drop -o and pass the printed θ "
                    "to `guardalign scan --method global --theta X`")
 
@@ -64,11 +66,27 @@ class CalibrationResult:
     category_fpr: float | None = None  # per_category: the common FPR level α every category was fitted at
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason) of unusable lines
     out: str | None = None  # the tuned anchors file written, if any
+    fitted_for: dict = field(default_factory=dict)  # settings the scores were made with (written as fitted_for)
+    warnings: list[str] = field(default_factory=list)  # e.g. too few labelled images of a class, with intervals
+
+    @property
+    def tpr_ci(self) -> tuple[float, float]:
+        """95% Wilson interval of the chosen threshold's TPR."""
+        from guardalign.detection.thresholds import wilson_interval
+
+        return wilson_interval(self.chosen.tp, self.n_pos)
+
+    @property
+    def fpr_ci(self) -> tuple[float, float]:
+        """95% Wilson interval of the chosen threshold's FPR."""
+        from guardalign.detection.thresholds import wilson_interval
+
+        return wilson_interval(self.chosen.fp, self.n_neg)
 
     @property
     def exit_code(self) -> int:
         """0, or 3 when some lines could not be used (DESIGN §3)."""
-        return 3 if self.skipped else 0
+        return EXIT_UNREADABLE if self.skipped else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (printed on stdout by the CLI)."""
@@ -81,7 +99,9 @@ class CalibrationResult:
                                       "tpr": c.point.tpr if c.point else None,
                                       "fpr": c.point.fpr if c.point else None} for c in self.per_category},
             "achieved": {"tpr": self.achieved[0], "fpr": self.achieved[1]}, "category_fpr": self.category_fpr,
+            "tpr_ci": list(self.tpr_ci), "fpr_ci": list(self.fpr_ci),
             "skipped": [{"line": n, "reason": r} for n, r in self.skipped], "out": self.out,
+            "fitted_for": self.fitted_for, "warnings": self.warnings,
         }
 
 
@@ -129,7 +149,7 @@ def calibrate(
             raise ConfigError("--per-category needs the ot method: the global method applies one --theta to every "
                               "category")
     items, skipped = read_labelled(labelled, anchor_set.names)
-    scored, method = _scores(items, skipped, anchor_set, from_scan, method, detector, progress,
+    scored, method, fitted_for = _scores(items, skipped, anchor_set, from_scan, method, detector, progress,
                              dict(clip_model=clip_model, pretrained=pretrained, patches=patches, grid=grid,
                                   stride=stride, batch_size=batch_size, device=device))
     if method == "global" and out_path is not None:
@@ -141,13 +161,20 @@ def calibrate(
         raise ConfigError(f"{labelled}: no usable labelled line ({len(skipped)} skipped): {shown}")
     result = _fit(scored, anchor_set, method, target_fpr, per_category, bootstrap, seed)
     result.skipped = sorted(skipped)
+    result.fitted_for = fitted_for
+    result.warnings = small_sample_warnings(result)
     if out_path is not None:
         taus = {c.name: c.tau for c in result.per_category if c.point is not None} if per_category else {}
         write_tuned_anchors(anchors_path, out_path, result.chosen.threshold, taus, overwrite=overwrite,
-                            reset_overrides=not per_category)
+                            reset_overrides=not per_category, inputs=(labelled, from_scan), fitted_for=fitted_for)
         result.out = str(out_path)
     if progress:
         print_report(result)
+    else:
+        from guardalign.errors import warn
+
+        for line in result.warnings:  # a warning is not a table: --quiet keeps it
+            warn(line)
     return result
 
 
@@ -171,21 +198,23 @@ def read_labelled(path: str | Path, categories: tuple[str, ...] = ()) -> tuple[l
 
     Raises InputError if the file cannot be read at all.
     """
+    from guardalign.io.jsonl import iter_lines
+
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        data = p.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{p}: labelled file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InputError(f"{p}: cannot read labelled file ({exc})") from None
     items, issues = [], []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
+    for line in iter_lines(data):  # the shared reader: BOM dropped, a bad line is an issue, never a crash
+        n = line.n
+        if line.error is not None:
+            issues.append((n, f"{p}:{n}: {line.error}"))
             continue
         try:
-            items.append(_parse_line(json.loads(raw), n, p.parent, categories))
-        except json.JSONDecodeError as exc:
-            issues.append((n, f"{p}:{n}: not valid JSON ({exc.msg} at column {exc.colno})"))
+            items.append(_parse_line(line.value, n, p.parent, categories))
         except ValueError as exc:
             issues.append((n, f"{p}:{n}: {exc}"))
     return items, issues
@@ -206,6 +235,8 @@ def _parse_line(obj, n: int, base: Path, categories: tuple[str, ...]) -> Labelle
     image = obj.get("image")
     if record is None and (not isinstance(image, str) or not image.strip()):
         raise ValueError('image: expected a path string (relative to the labelled file), e.g. "imgs/a.png"')
+    if isinstance(image, str) and "\x00" in image:
+        raise ValueError("image: the path contains a NUL byte")
     ident = obj.get("id")
     path = (base / image) if isinstance(image, str) and image.strip() else None
     return LabelledItem(n, unsafe, category, image if isinstance(image, str) else None, path,
@@ -214,7 +245,8 @@ def _parse_line(obj, n: int, base: Path, categories: tuple[str, ...]) -> Labelle
 
 # ---------------------------------------------------------------------------------------------- scores
 def _scores(items, skipped, anchor_set, from_scan, method, detector, progress, opts):
-    """[(item, score, {category: score})] and the method that made the scores."""
+    """[(item, score, {category: score})], the method that made the scores, and the settings they share
+    (:func:`fitted_for`)."""
     carried = [it for it in items if it.record is not None]
     rest = [it for it in items if it.record is None]
     pairs = [(it, it.record) for it in carried]
@@ -226,7 +258,7 @@ def _scores(items, skipped, anchor_set, from_scan, method, detector, progress, o
     if len(methods) > 1:
         raise ConfigError(f"the scores mix methods {sorted(methods)}; calibrate one method at a time")
     method = methods.pop() if methods else method
-    scored = []
+    scored, used = [], []
     for it, rec in pairs:
         if rec.get("status", "ok") != "ok":
             skipped.append((it.line, f"line {it.line}: the image was not scored: {rec.get('error')}"))
@@ -238,7 +270,8 @@ def _scores(items, skipped, anchor_set, from_scan, method, detector, progress, o
                                      "(scanned with other anchors?)"))
             continue
         scored.append((it, float(rec["score"]), {c: float(cats[c]) for c in anchor_set.names}))
-    return scored, method
+        used.append(rec)
+    return scored, method, fitted_for(used)
 
 
 def _join(items, scan_path: Path, skipped) -> list:
@@ -362,57 +395,3 @@ def _clamped(point):
     from dataclasses import replace
 
     return replace(point, threshold=min(max(point.threshold, 1e-6), 2.0))
-
-
-# ---------------------------------------------------------------------------------------------- report
-def print_report(res: CalibrationResult) -> None:
-    """ROC table, AUROC with its interval, per-category fits and skipped lines, on stderr (rich)."""
-    from rich.table import Table
-
-    from guardalign.detection import thresholds as roc
-    from guardalign.pipeline.progress import stderr_console
-
-    console = stderr_console()
-    sym, rule = ("τ", "score ≤ τ") if res.method == "ot" else ("θ", "score ≥ θ")
-    table = Table(title=f"ROC of the image score ({res.method}: unsafe when {rule})", header_style="bold")
-    for col in (sym, "TPR", "FPR", "precision", "flagged", ""):
-        table.add_column(col, justify="right")
-    curve = res.curve
-    rows = sorted(set(roc.table_points(curve)) | {res.chosen.index})
-    for i in rows:
-        pt = roc.point(curve, i)
-        mark = f"◀ chosen (FPR ≤ {res.target_fpr:g})" if i == res.chosen.index else ""
-        prec = "—" if pt.tp + pt.fp == 0 else f"{pt.precision:.3f}"
-        table.add_row(f"{pt.threshold:.4g}", f"{pt.tpr:.3f}", f"{pt.fpr:.3f}", prec, str(pt.tp + pt.fp), mark,
-                      style="bold" if mark else None)
-    console.print(table)
-    lo, hi = res.auroc_ci
-    console.print(f"AUROC {res.auroc:.3f} (95% bootstrap CI {lo:.3f}–{hi:.3f}) on {res.n_pos} unsafe and "
-                  f"{res.n_neg} safe images", highlight=False)
-    if res.per_category:
-        cats = Table(title=f"per category (its positives vs every safe image), each fitted at FPR ≤ "
-                           f"{res.category_fpr:.4g} so that the combined FPR ≤ {res.target_fpr:g}", header_style="bold")
-        for col in ("category", "unsafe", "AUROC (95% CI)", sym, "TPR", "FPR"):
-            cats.add_column(col, justify="right")
-        for c in res.per_category:
-            if c.point is None:
-                cats.add_row(c.name, "0", "—", f"{c.tau:.4g} (kept)", "—", "—")
-            else:
-                cats.add_row(c.name, str(c.n_pos), f"{c.auroc:.3f} ({c.ci[0]:.3f}–{c.ci[1]:.3f})",
-                             f"{c.tau:.4g}", f"{c.point.tpr:.3f}", f"{c.point.fpr:.3f}")
-        console.print(cats)
-    tpr, fpr = res.achieved
-    console.print(f"written thresholds on these images: TPR {tpr:.3f}, FPR {fpr:.3f} (target {res.target_fpr:g})",
-                  highlight=False)
-    if fpr > res.target_fpr + 1e-12:
-        console.print("note: the combined FPR exceeds the target: categories without labelled positives keep "
-                      "their τ, and they alone flag too many safe images", style="yellow")
-    for _, reason in res.skipped[:MAX_SHOWN_ISSUES]:
-        console.print(f"skipped {reason}", style="red", markup=False, highlight=False)
-    if len(res.skipped) > MAX_SHOWN_ISSUES:
-        console.print(f"… and {len(res.skipped) - MAX_SHOWN_ISSUES} more skipped lines", style="red")
-    if res.out:
-        console.print(f"wrote {res.out}", markup=False, highlight=False)
-    elif res.method == "global":
-        console.print(f"use it with: guardalign scan --method global --theta {res.chosen.threshold:.4g}",
-                      markup=False, highlight=False)

@@ -100,8 +100,15 @@ def scan(
             clip_model=clip_model, pretrained=pretrained, anchors=anchors, device=device, precision=precision,
             **_config_kwargs(cfg),
         )
-    elif batch_size != detector.config.batch_size:
-        detector = detector.with_config(batch_size=batch_size)
+    if progress:
+        from guardalign.pipeline.summary import say_columns
+
+        say_columns(getattr(items, "plans", {}))
+    fitted = getattr(detector, "fitted_for_warning", None)
+    if progress and fitted is not None and (line := fitted()):
+        from guardalign.errors import warn
+
+        warn(line)  # tuned anchors used with other settings than they were fitted for
     if overwrite and not resume:
         _remove_output(out, format)
     sink = open_sink(out, format, resume=resume)
@@ -109,8 +116,8 @@ def scan(
     total = None if "-" in inputs else count_items(inputs, image_column=image_column, id_column=id_column)
     # The sink creates its file on the first write and aborts cleanly (nothing new) on an exception.
     with sink:
-        summary = run_job(items, DetectStage(detector), sink, previous=previous, out=out, total=total,
-                          workers=workers, progress=progress, gates=gates)
+        summary = run_job(items, DetectStage(detector, batch_size=batch_size), sink, previous=previous, out=out, total=total,
+                          workers=workers, progress=progress, gates=gates, skipped=getattr(items, "skipped", None))
     if progress:
         print_summary(summary)
     return summary
@@ -134,35 +141,29 @@ def _check_output(format: str | None, out: str, resume: bool, overwrite: bool, i
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: pick one")
     if out != "-":
-        _refuse_input_as_output(out, inputs)
+        from guardalign.io.durable import check_not_input
+
+        check_not_input(out, inputs)
     return format
-
-
-def _refuse_input_as_output(out: str, inputs: Sequence[str]) -> None:
-    import os
-    from pathlib import Path
-
-    target = Path(out)
-    for given in inputs:
-        if given == "-" or not Path(given).exists():
-            continue
-        if target.exists() and Path(given).is_file() and os.path.samefile(given, target):
-            raise ConfigError(f"--out {out} is one of the inputs; choose another --out")
-        if Path(given).is_dir() and Path(given).resolve() in target.resolve().parents:
-            continue  # writing into a scanned folder is allowed (records are not images)
 
 
 def _remove_output(out: str, format: str) -> None:
     """--overwrite: remove an earlier output (and a Parquet journal) before the run starts."""
+    import os
     from pathlib import Path
 
     if out == "-":
         return
+    from guardalign.io.durable import _oserror
+
     for path in (Path(out), Path(out + ".partial.jsonl")):
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.exists():
-            raise ConfigError(f"--out {path} is not a regular file; not overwriting it")
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif os.path.lexists(path):
+                raise ConfigError(f"--out {path} is not a regular file; not overwriting it")
+        except OSError as exc:
+            raise _oserror(path, exc, "cannot replace") from None
 
 
 def _validation_detector(options: dict[str, Any]):

@@ -8,6 +8,10 @@ every validation error names the file, the line and the field, e.g.::
     anchors.yaml:14: categories[2].variants: expected a non-empty list of strings
 
 Category and variant indices in field paths count from 0.
+
+Only ``categories`` (each with ``name`` and ``variants``) is required; every other key has a default
+(:data:`DEFAULTS`, documented in docs/anchors.md). A key left out hashes the same as the key written
+with its default value. ``tau: 0`` (or ``--tau 0``) flags nothing; ``prefix: ""`` means no prefix.
 """
 from __future__ import annotations
 
@@ -16,27 +20,17 @@ import hashlib
 import json
 import math
 import numbers
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from guardalign.detection.anchor_schema import (  # noqa: F401 (re-exported)
+    CATEGORY_KEYS, CATEGORY_REQUIRED, DEFAULT_PREFIX, DEFAULT_REFUSAL_PHRASES, DEFAULT_TAU, DEFAULTS, FITTED_KEYS,
+    MAX_CATEGORIES, MAX_DEPTH, MAX_FILE_BYTES, MAX_PREFIX_CHARS, MAX_REFUSAL_PHRASES, MAX_TEXT_CHARS, MAX_VARIANTS,
+    MAX_REFUSAL_TOKENS, NAME_RE, _content, _sha256, SUPPORTED_VERSIONS, TOP_KEYS, TOP_REQUIRED, FittedFor, check_depth,
+)
 from guardalign.errors import ConfigError
-
-SUPPORTED_VERSIONS = (1,)
-MAX_FILE_BYTES = 4 * 1024 * 1024  # anchor files are small; refuse anything larger
-MAX_CATEGORIES = 256
-MAX_VARIANTS = 1024  # per category
-MAX_REFUSAL_PHRASES = 1024
-MAX_TEXT_CHARS = 2000  # per variant / description / refusal phrase
-MAX_PREFIX_CHARS = 20000
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-
-TOP_KEYS = ("version", "tau", "prefix", "refusal_phrases", "categories")  # all required
-CATEGORY_KEYS = ("name", "description", "variants", "tau")
-CATEGORY_REQUIRED = ("name", "description", "variants")
-
 
 class AnchorError(ConfigError):
     """An anchors file that is missing, unreadable or invalid (exit 2)."""
@@ -53,12 +47,14 @@ class Category:
 @dataclass(frozen=True)
 class AnchorSet:
     version: int  # schema version of the file (only 1 exists)
-    tau: float  # global threshold on the OT cost 1 − cos, in (0, 2]
+    tau: float  # global threshold on the OT cost 1 − cos, in [0, 2]; 0 flags nothing
     categories: tuple[Category, ...]  # unsafe categories, in file order
-    prefix: str  # safety prefix text for `guardalign answer`
+    prefix: str  # safety prefix text for `guardalign answer` ("" = no prefix)
     refusal_phrases: tuple[str, ...]  # phrases whose presence marks an answer as a refusal
     source: str  # path (or "<string>") it came from
     sha256: str  # hash of the validated content (canonical JSON), not of the file's bytes
+    fitted_for: FittedFor | None = None  # settings its τ was fitted for (not part of sha256), None if unknown
+    refusal_tokens: tuple[str, ...] = ()  # optional words for `probe`'s logit lens; () = not given
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -99,7 +95,14 @@ class AnchorSet:
 
     def to_dict(self) -> dict:
         """The validated content as plain data (what :attr:`sha256` hashes)."""
-        return _content(self.version, self.tau, self.prefix, self.refusal_phrases, self.categories)
+        return _content(self.version, self.tau, self.prefix, self.refusal_phrases, self.categories,
+                        self.refusal_tokens)
+
+    def refusal_words(self) -> tuple[str, ...]:
+        """The words `probe` ranks: ``refusal_tokens`` when given, else the first word of each refusal phrase."""
+        if self.refusal_tokens:
+            return self.refusal_tokens
+        return tuple(dict.fromkeys(p.split()[0] for p in self.refusal_phrases))
 
 
 def default_anchors_path() -> Path:
@@ -143,6 +146,7 @@ def load_anchors(path: str | Path | None = None) -> AnchorSet:
 
 def parse_anchors(text: str, source: str = "<string>") -> AnchorSet:
     """Validate anchors YAML given as text; ``source`` names it in error messages."""
+    check_depth(text, source, AnchorError)
     try:
         loader = yaml.SafeLoader(text)  # the reader already rejects non-printable characters
     except yaml.reader.ReaderError as e:
@@ -158,27 +162,18 @@ def parse_anchors(text: str, source: str = "<string>") -> AnchorSet:
             line = text[: e.position].count("\n") + 1
             raise AnchorError(f"{source}:{line}: YAML syntax error: {e.reason}") from None
         if root is None:
-            raise AnchorError(f"{source}:1: file is empty; expected a mapping with keys {', '.join(TOP_KEYS)}")
+            raise AnchorError(f"{source}:1: file is empty; expected a mapping with at least a 'categories' key "
+                              "(see docs/anchors.md)")
         return _Validator(source, loader).anchor_set(root)
+    except RecursionError:  # a YAML nested thousands deep: the parser recurses per level
+        raise AnchorError(f"{source}: YAML nested too deeply; an anchors file is a few levels deep") from None
     finally:
         loader.dispose()
 
 
-def _content(version, tau, prefix, phrases, categories) -> dict:
-    cats = [{"name": c.name, "description": c.description, "variants": list(c.variants),
-             "tau": c.tau} for c in categories]
-    return {"version": version, "tau": tau, "prefix": prefix,
-            "refusal_phrases": list(phrases), "categories": cats}
-
-
-def _sha256(content: dict) -> str:
-    blob = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
 def _check_override(tau: float) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or not 0 < tau <= 2:
-        raise AnchorError(f"tau override {tau!r}: expected a number in (0, 2] (a cost 1 − cos)")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or not 0 <= tau <= 2:
+        raise AnchorError(f"tau override {tau!r}: expected a number in [0, 2] (a cost 1 − cos; 0 flags nothing)")
     return float(tau)
 
 
@@ -233,15 +228,51 @@ class _Validator:
     # -- structure ---------------------------------------------------------------------------
     def anchor_set(self, root: yaml.Node) -> AnchorSet:
         self.check_tags(root)
-        top = self.mapping(root, "(top level)", TOP_KEYS, TOP_KEYS, what="the anchors file")
-        version = self.version(top["version"])
-        tau = self.tau(top["tau"], "tau", allow_null=False)
-        prefix = self.string(top["prefix"], "prefix", MAX_PREFIX_CHARS, collapse=False)
-        phrases = self.string_list(top["refusal_phrases"], "refusal_phrases", MAX_REFUSAL_PHRASES)
+        top = self.mapping(root, "(top level)", TOP_KEYS, TOP_REQUIRED, what="the anchors file")
+        version = self.version(top["version"]) if "version" in top else DEFAULTS["version"]
+        tau = self.tau(top["tau"], "tau", allow_null=False) if "tau" in top else DEFAULTS["tau"]
+        prefix = (self.string(top["prefix"], "prefix", MAX_PREFIX_CHARS, collapse=False, allow_empty=True)
+                  if "prefix" in top else DEFAULTS["prefix"])
+        phrases = (self.string_list(top["refusal_phrases"], "refusal_phrases", MAX_REFUSAL_PHRASES)
+                   if "refusal_phrases" in top else DEFAULTS["refusal_phrases"])
         categories = self.categories(top["categories"])
-        content = _content(version, tau, prefix, phrases, categories)
+        fitted = self.fitted_for(top["fitted_for"]) if "fitted_for" in top else None
+        tokens = self.words(top["refusal_tokens"]) if "refusal_tokens" in top else ()
+        content = _content(version, tau, prefix, phrases, categories, tokens)
         return AnchorSet(version=version, tau=tau, categories=categories, prefix=prefix,
-                         refusal_phrases=phrases, source=self.source, sha256=_sha256(content))
+                         refusal_phrases=phrases, source=self.source, sha256=_sha256(content), fitted_for=fitted,
+                         refusal_tokens=tokens)
+
+    def words(self, node) -> tuple[str, ...]:
+        """``refusal_tokens``: a list of single words (no spaces)."""
+        words = self.string_list(node, "refusal_tokens", MAX_REFUSAL_TOKENS)
+        for j, (item, word) in enumerate(zip(node.value, words)):
+            if len(word.split()) != 1:
+                raise self.fail(item, f"refusal_tokens[{j}]", f"{word!r} is not a single word (no spaces)")
+        return words
+
+    def fitted_for(self, node) -> FittedFor | None:
+        """The optional ``fitted_for`` mapping: {model, pretrained, method, patches: str; grid: int; stride: float}."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return None
+        m = self.mapping(node, "fitted_for", FITTED_KEYS, (), what="fitted_for")
+        values: dict = {}
+        for key, vnode in m.items():
+            field = f"fitted_for.{key}"
+            v = self.scalar(vnode, field)
+            if v is None:
+                continue
+            if key == "grid":
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32:
+                    raise self.fail(vnode, field, f"expected an integer in [1, 32], got {v!r}")
+            elif key == "stride":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                    raise self.fail(vnode, field, f"expected a fraction in (0, 1], got {v!r}")
+                v = float(v)
+            elif not isinstance(v, str) or not v.strip():
+                raise self.fail(vnode, field, f"expected a non-empty string, got {v!r}")
+            values[key] = v
+        return FittedFor(**values)
 
     def mapping(self, node, field, allowed, required, what) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
@@ -289,7 +320,7 @@ class _Validator:
                 raise self.fail(m["name"], f"{field}.name",
                                 f"duplicate category name {name!r} (first defined at line {seen[name]})")
             seen[name] = _line(m["name"])
-            desc = self.string(m["description"], f"{field}.description", MAX_TEXT_CHARS)
+            desc = self.string(m["description"], f"{field}.description", MAX_TEXT_CHARS) if "description" in m else name
             variants = self.string_list(m["variants"], f"{field}.variants", MAX_VARIANTS)
             tau = self.tau(m["tau"], f"{field}.tau", allow_null=True) if "tau" in m else None
             cats.append(Category(name=name, description=desc, variants=variants, tau=tau))
@@ -318,16 +349,17 @@ class _Validator:
         if v is None and allow_null:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise self.fail(node, field, f"expected a number in (0, 2] (a cost 1 − cos), got {v!r}")
-        if not math.isfinite(v) or not 0 < v <= 2:
-            raise self.fail(node, field, f"{v!r} is out of range; expected a number in (0, 2] (a cost 1 − cos)")
+            raise self.fail(node, field, f"expected a number in [0, 2] (a cost 1 − cos; 0 flags nothing), got {v!r}")
+        if not math.isfinite(v) or not 0 <= v <= 2:
+            raise self.fail(node, field, f"{v!r} is out of range; expected a number in [0, 2] (a cost 1 − cos; "
+                                         "0 flags nothing)")
         return float(v)
 
-    def string(self, node, field: str, max_chars: int, collapse: bool = True) -> str:
+    def string(self, node, field: str, max_chars: int, collapse: bool = True, allow_empty: bool = False) -> str:
         v = self.scalar(node, field)
         if not isinstance(v, str):
             raise self.fail(node, field, f"expected a string, got {v!r}")
-        if not v.strip():
+        if not v.strip() and not allow_empty:
             raise self.fail(node, field, "expected a non-empty string, got a blank one")
         if len(v) > max_chars:
             raise self.fail(node, field, f"string of {len(v)} characters; at most {max_chars} are allowed")

@@ -1,12 +1,11 @@
 """Edit an anchors YAML's τ values in place, keeping comments, order and quoting (ruamel round-trip).
 
-Used by ``guardalign calibrate`` to write a tuned copy of the user's anchors file: only ``tau`` keys
-change, the copy is validated against the original and written atomically.
+Used by ``guardalign calibrate`` to make a tuned copy of the user's anchors file: only ``tau`` keys
+change and the copy is validated against the original (no file is written here).
 """
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -61,49 +60,67 @@ def _set_category_tau(cat, value: float) -> None:
         cat.ca.items["tau"] = [None, None, trailing, None]
 
 
-def tuned_yaml(text: str, tau: float | None, per_category: dict[str, float], reset_overrides: bool = True) -> str:
+_FITTED_COMMENT = "written by guardalign calibrate: what tau was fitted for (a scan with other settings warns)"
+
+
+def _set_fitted_for(data, fitted_for: dict) -> None:
+    """Replace (or add, at the end, with a comment) the top-level ``fitted_for`` mapping."""
+    from ruamel.yaml.comments import CommentedMap
+
+    value = CommentedMap((k, v) for k, v in fitted_for.items())
+    if "fitted_for" in data:
+        data["fitted_for"] = value
+        return
+    data["fitted_for"] = value
+    data.yaml_set_comment_before_after_key("fitted_for", before="\n" + _FITTED_COMMENT)
+
+
+def tuned_yaml(text: str, tau: float | None, per_category: dict[str, float], reset_overrides: bool = True,
+               fitted_for: dict | None = None) -> str:
     """Return ``text`` with the global ``tau`` set, then each category in ``per_category`` given its own ``tau``.
 
     ``reset_overrides`` also sets every existing per-category ``tau`` to the global one (a global fit
-    assumes one τ for all). Comments, order and quoting are kept."""
+    assumes one τ for all). ``fitted_for`` ({model, pretrained, method, patches, grid, stride}) is written
+    as the top-level ``fitted_for`` mapping. Comments, order and quoting are kept; a file without a ``tau``
+    key gets one just before ``categories``."""
     y = _yaml_for(text)
     data = y.load(text)
     if tau is not None:
-        data["tau"] = tau
+        if "tau" in data:
+            data["tau"] = tau
+        else:
+            data.insert(list(data.keys()).index("categories"), "tau", tau)
         for cat in data["categories"] if reset_overrides else ():
             if "tau" in cat:
                 cat["tau"] = tau
     for cat in data["categories"]:
         if cat["name"] in per_category:
             _set_category_tau(cat, per_category[cat["name"]])
+    if fitted_for:
+        _set_fitted_for(data, fitted_for)
     buf = io.StringIO()
     y.dump(data, buf)
     return buf.getvalue()
 
 
-def write_tuned_anchors(src: str | Path, out: str | Path, tau: float | None, per_category: dict[str, float],
-                        *, overwrite: bool = False, reset_overrides: bool = True) -> Path:
-    """Write the tuned copy of ``src`` to ``out`` atomically, after checking that only τ changed."""
-    from guardalign.detection.anchors import AnchorError, load_anchors, parse_anchors
+def tuned_anchors_text(src: str | Path, tau: float | None, per_category: dict[str, float], *,
+                       reset_overrides: bool = True, fitted_for: dict | None = None) -> str:
+    """The tuned copy of the anchors file ``src`` as text, checked to differ from it in τ values (and
+    ``fitted_for``) only.
 
-    src, out = Path(src), Path(out)
+    Writing it is the caller's job (``guardalign.commands.anchors_out`` writes it atomically).
+    """
+    from guardalign.detection.anchors import AnchorError, FittedFor, load_anchors, parse_anchors
+
     original = load_anchors(src)
-    text = tuned_yaml(src.read_text(encoding="utf-8-sig"), tau, per_category, reset_overrides)
+    text = tuned_yaml(Path(src).read_text(encoding="utf-8-sig"), tau, per_category, reset_overrides, fitted_for)
     try:
-        tuned = parse_anchors(text, source=str(out))
+        tuned = parse_anchors(text, source=str(src))
     except AnchorError as exc:  # a bug in the editing, never the user's fault: keep their files untouched
         raise ConfigError(f"internal error: the tuned anchors do not validate ({exc}); nothing written") from None
     strip = lambda d: {**d, "tau": None, "categories": [{**c, "tau": None} for c in d["categories"]]}  # noqa: E731
     if strip(tuned.to_dict()) != strip(original.to_dict()):
         raise ConfigError("internal error: editing tau changed other fields of the anchors; nothing written")
-    if out.exists() and (not overwrite or out.resolve() == src.resolve()):
-        raise ConfigError(f"-o {out} already exists; pass --overwrite to replace it (the input is never replaced)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    load_anchors(out)
-    return out
+    if fitted_for and tuned.fitted_for != FittedFor(**fitted_for):
+        raise ConfigError("internal error: fitted_for did not round-trip through the anchors; nothing written")
+    return text

@@ -4,7 +4,7 @@ Two methods:
 
 - ``ot``: encode patches (``grid`` crops or ``dense`` value-path tokens), solve one entropic OT problem per
   (image, category) in a single batched call, and flag patches whose normalised transport cost
-  ``d_i(m) ≤ τ_i``.
+  ``d_i(m) ≤ τ_i`` (τ_i = 0 flags nothing).
 - ``global``: the ETA baseline: cosine of the whole-image embedding with each category mean, unsafe when
   ``cos ≥ θ``.
 """
@@ -112,7 +112,26 @@ class Detector:
         cfg = asdict(self.config)
         cfg.pop("batch_size")
         cfg["scales"] = list(cfg["scales"])
-        return {**self.provenance, **cfg}
+        # the encoder's mean colour: ``mask --from-scan`` fills with it (Eq. 11) without loading the model again
+        return {**self.provenance, **cfg, "image_mean": [round(float(m), 6) for m in self.encoder.mean]}
+
+    def fitted_for_warning(self) -> str | None:
+        """One line when the anchors' τ was fitted (``fitted_for``, written by calibrate) for other settings
+        than this detector's, else None. None too when τ is not used: a ``tau`` override, or ``method: global``."""
+        from guardalign.detection.anchor_schema import fitted_settings
+
+        fitted = self.anchors.fitted_for
+        if fitted is None or self.config.tau is not None or self.config.method != "ot":
+            return None
+        now = fitted_settings(self.settings())
+        then = fitted.to_dict()
+        differ = [k for k, v in then.items() if k in now and now[k] != v]
+        if not differ:
+            return None
+        was = ", ".join(f"{k}={then[k]}" for k in differ)
+        is_ = ", ".join(f"{k}={now[k]}" for k in differ)
+        return (f"anchors {self.anchors.source} were fitted for {was}, but this run uses {is_}: their τ may not "
+                "carry over; refit with `guardalign calibrate` using these settings, or pass --tau")
 
     def with_config(self, **changes: Any) -> "Detector":
         """A detector sharing this one's encoder and text embeddings, with some DetectConfig fields changed."""
@@ -200,6 +219,8 @@ class Detector:
         )
         d = res.d if cfg.aggregate == "normalized" else res.d_paper.unsqueeze(-1).expand_as(res.d)  # (B, M, C)
         margin = d - self._taus  # (B, M, C): ≤ 0 means unsafe for that category
+        # τ_i = 0 switches category i off: costs are ≥ 0 in exact arithmetic, but 1 − cos can round below 0.
+        margin = torch.where(self._taus > 0, margin, margin.clamp_min(torch.finfo(margin.dtype).tiny))
         patch_margin, patch_cat = margin.min(dim=-1)  # (B, M)
         patch_score = d.min(dim=-1).values  # (B, M)
         cat_score = d.min(dim=1).values  # (B, C)

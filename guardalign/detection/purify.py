@@ -244,9 +244,9 @@ def encode_image(image: Image.Image, fmt: str | None, original: bytes | None = N
         notes.append(f"format {fmt or 'unknown'} cannot be written back: saved as PNG")
     kwargs: dict = {}
     icc = None
-    if original is not None:
-        try:
-            with Image.open(io.BytesIO(original)) as src:
+    if original is not None and fmt:
+        try:  # only the plugin of the format the original was decoded as (never another, e.g. EPS)
+            with Image.open(io.BytesIO(original), formats=["JPEG" if fmt == "MPO" else fmt]) as src:
                 if src.mode in ("RGB", "RGBA", "P"):  # an RGB profile; CMYK/grey profiles would not fit RGB pixels
                     icc = src.info.get("icc_profile")
                 if out_fmt == "JPEG" and src.format == "JPEG":

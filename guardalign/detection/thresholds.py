@@ -176,6 +176,25 @@ def bootstrap_auroc(scores, labels, direction: str = "lower", n_boot: int = 1000
     return float(lo), float(hi)
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    r"""Wilson score interval of a binomial proportion k/n (95% for the default z).
+
+    :math:`\frac{\hat p + z^2/2n}{1 + z^2/n} \pm \frac{z}{1 + z^2/n}\sqrt{\frac{\hat p(1-\hat p)}{n} + \frac{z^2}{4n^2}}`,
+    clipped to [0, 1]; (0, 1) when n = 0. Unlike the normal approximation it stays informative at k = 0 or k = n,
+    which is where small calibration sets live.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def short_decimal(lo: float, hi: float, closed: str = "left") -> float:
     """The decimal with fewest digits in the middle half of ``[lo, hi)`` (closed="left") or ``(lo, hi]``.
 

@@ -1,4 +1,8 @@
-"""Image decoding for scans: any Pillow-readable image → a fully loaded, upright RGB first frame.
+"""Image decoding for scans: an allowed raster image → a fully loaded, upright RGB first frame.
+
+Only the raster formats of :data:`guardalign.io.formats.ALLOWED_FORMATS` are ever opened (never EPS, PS, PDF,
+ICNS, ...: Pillow would hand EPS to Ghostscript), told by the bytes, not the name; and the bomb guard checks
+the size of everything decoding may touch (every ICO entry, every TIFF frame) before any pixel is decoded.
 
 Every failure is an :class:`ImageDecodeError` whose message names the cause ("zero-byte file",
 "truncated image data", "decompression bomb: N pixels > limit L", ...), so a batch run can record
@@ -28,6 +32,8 @@ from guardalign.records import Decoded, Item
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from guardalign.io.formats import ALLOWED_FORMATS, MAGIC_BYTES, not_allowed_message, sniff
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {
@@ -158,22 +164,80 @@ def _bomb_message(pixels: int, limit: int) -> str:
 
 
 def _open_image(fp, limit: int) -> Image.Image:
-    """Read the header; DecompressionBombWarning and DecompressionBombError both raise."""
+    """Read the header with the raster allow-list only; every frame's size is checked before any decoding.
+
+    DecompressionBombWarning and DecompressionBombError both raise. A file whose bytes declare a format that
+    is not allowed (EPS, PDF, HEIC, ICNS, ...) is refused by name, whatever its extension.
+    """
+    head = fp.read(MAGIC_BYTES)
+    fp.seek(0)
+    sniffed = sniff(head)
+    if sniffed is not None and not sniffed.allowed:
+        raise ImageDecodeError(not_allowed_message(sniffed.format))
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp)
+            im = Image.open(fp, formats=_open_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (cannot identify image file)") from None
     except Exception as e:  # a plugin choking on a malformed header
         raise ImageDecodeError(f"corrupt image header ({type(e).__name__}: {e})") from None
-    pixels = max(1, im.width) * max(1, im.height)
-    if pixels > limit:
+    try:
+        if im.format not in ALLOWED_FORMATS:  # a plugin that reports another format than its own name
+            raise ImageDecodeError(not_allowed_message(str(im.format)))
+        for w, h in _frame_sizes(im):
+            pixels = max(1, w) * max(1, h)
+            if pixels > limit:
+                raise ImageDecodeError(_bomb_message(pixels, limit))
+    except BaseException:
         im.close()
-        raise ImageDecodeError(_bomb_message(pixels, limit))
+        raise
     return im
+
+
+def _open_formats() -> tuple[str, ...]:
+    """The allowed formats Pillow has an opener for (MPO is opened by the JPEG plugin; AVIF needs libavif)."""
+    Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+
+def _frame_sizes(im: Image.Image) -> list[tuple[int, int]]:
+    """(width, height) of everything decoding may touch, read from headers only (nothing is decoded).
+
+    ICO entries are sized from their own PNG / DIB headers (the directory's sizes stop at 256 and a PNG entry
+    may be far larger); TIFF and MPO frames by seeking their headers.
+    """
+    sizes = [im.size]
+    try:
+        if im.format == "ICO":
+            sizes += [_ico_entry_size(im.ico.buf, e.offset) for e in im.ico.entry]
+        elif im.format in ("TIFF", "MPO"):
+            n = int(getattr(im, "n_frames", 1))
+            for i in range(1, n):
+                im.seek(i)
+                sizes.append(im.size)
+            if n > 1:
+                im.seek(0)
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError(f"corrupt image header ({type(e).__name__}: {e})") from None
+    return sizes
+
+
+def _ico_entry_size(buf, offset: int) -> tuple[int, int]:
+    import struct
+
+    buf.seek(offset)
+    head = buf.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    if len(head) >= 12:  # BITMAPINFOHEADER: width, height (XOR + AND masks: height is doubled)
+        w, h = struct.unpack("<ii", head[4:12])
+        return abs(w), abs(h) // 2
+    raise ImageDecodeError("corrupt ICO entry (truncated header)")
 
 
 def _decode_opened(im: Image.Image) -> tuple[Image.Image, DecodeInfo]:
@@ -291,7 +355,9 @@ def decode_stream(
     ``decode(item) -> Decoded`` replaces the default full decode (e.g. a stage that needs only the bytes).
     """
     if workers < 1 or prefetch < 1:
-        raise ValueError(f"workers and prefetch must be ≥ 1 (got {workers}, {prefetch})")
+        from guardalign.errors import ConfigError
+
+        raise ConfigError(f"invalid --workers {workers} (prefetch {prefetch}): expected a positive number of threads")
     it = iter(items)
     pending: deque = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guardalign-decode")

@@ -7,11 +7,11 @@ pieces it builds on are imported where they are used.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
 from guardalign.errors import ConfigError, InputError
+from guardalign.io.jsonl_out import _Closing
 from guardalign.records import SCAN_RECORD, arrow_type
 
 # Scan record fields stored as Parquet columns (guardalign.records; `json` fields travel in ``extra``).
@@ -19,21 +19,6 @@ SCAN_FIELDS: tuple[tuple[str, str], ...] = tuple((f.name, f.type) for f in SCAN_
 EXTRA_FIELD = "extra"  # JSON object string holding every record key not in SCAN_FIELDS
 _JOURNAL_SUFFIX = ".partial.jsonl"
 _MERGE_ROWS = 10_000  # journal records converted per Parquet write at close
-
-
-# The base of every sink (the JSONL ones in guardalign.io.sinks too); it lives here so this module needs no
-# import of guardalign.io.sinks at import time.
-class _Closing:
-    """``with`` support: close on success; on an exception abort (create nothing new, keep journals)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def scan_schema():
@@ -45,7 +30,7 @@ def scan_schema():
 
 def _to_row(record: dict) -> dict:
     """Record → a row of the scan schema (missing keys → null, unknown keys → ``extra`` JSON)."""
-    from guardalign.io.sinks import _jsonable
+    from guardalign.io.jsonl_out import _jsonable
 
     rec = _jsonable(record)
     names = {n for n, _ in SCAN_FIELDS}
@@ -88,23 +73,37 @@ def _parquet_ids(path: Path) -> set[str]:
 
 
 class ParquetSink(_Closing):
-    """Parquet output through a crash-safe JSONL journal; see the module docstring."""
+    """Parquet output through a crash-safe JSONL journal; see the module docstring.
+
+    The journal is created and locked when the sink opens, so a second run writing the same ``--out`` stops at
+    once (ConfigError) instead of merging over the first run's file at its end; the lock is held until the
+    merged file is in place and the journal deleted.
+    """
 
     def __init__(self, path: str | Path, resume: bool = False):
-        from guardalign.io.sinks import JsonlSink, _check_target
+        from guardalign.io import durable
+        from guardalign.io.jsonl_out import JsonlSink, _check_target, _size
 
         self.path = Path(path)
         self.resume = resume
         _check_target(self.path)
+        if durable.special_target(self.path):
+            raise ConfigError(f"--out {self.path}: Parquet needs a regular file (it cannot be streamed to a device "
+                              "or a pipe); use --format jsonl")
+        durable.refuse_symlink(self.path)
         self._journal_path = _journal(self.path)
-        if not resume:
-            if self._journal_path.exists() and self._journal_path.stat().st_size > 0:
-                raise ConfigError(f"{self._journal_path} exists: an earlier run was interrupted; "
-                                  "pass --resume to continue it")
-            if self.path.exists() and self.path.stat().st_size > 0:
-                raise ConfigError(f"{self.path} exists; pass --resume to continue it or choose another --out")
-        self._done_ids = _parquet_ids(self.path) if resume and self.path.exists() else set()
-        self._journal = JsonlSink(self._journal_path, resume=True)
+        self._journal = JsonlSink(self._journal_path, resume=True, claim=True)  # locked from the start
+        try:
+            if not resume:
+                if self._journal.existing or _size(self._journal_path) > 0:
+                    raise ConfigError(f"{self._journal_path} exists: an earlier run was interrupted; "
+                                      "pass --resume to continue it")
+                if _size(self.path) > 0:
+                    raise ConfigError(f"{self.path} exists; pass --resume to continue it or choose another --out")
+            self._done_ids = _parquet_ids(self.path) if resume and self.path.exists() else set()
+        except BaseException:
+            self._journal.abort()
+            raise
         self.existing: set[str] = self._done_ids | self._journal.existing  # ids already written (resume)
         self._schema = scan_schema()
         self._closed = False
@@ -116,11 +115,15 @@ class ParquetSink(_Closing):
             self._journal.write(records)
 
     def close(self) -> None:
-        """Merge earlier rows + journal into ``<out>`` atomically, then delete the journal."""
+        """Merge earlier rows + journal into ``<out>`` atomically, then delete the journal (still locked)."""
         if self._closed:
             return
-        self._journal.abort()
-        self._finalize()
+        try:
+            self._finalize()
+        except BaseException:
+            self.abort()
+            raise
+        self._journal.release()
         self._closed = True
 
     def abort(self) -> None:
@@ -131,21 +134,24 @@ class ParquetSink(_Closing):
     def _finalize(self) -> None:
         import pyarrow.parquet as pq
 
-        from guardalign.io.sinks import _fsync_dir, read_records
+        from guardalign.io import durable
+        from guardalign.io.jsonl import read_objects
+        from guardalign.io.jsonl_out import _size
 
-        if self._done_ids and not self._journal_path.exists():
-            return  # resumed a finished file and added nothing: leave it as it is
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        journalled = _size(self._journal_path) > 0
+        if not journalled and (self._done_ids or (self.resume and _size(self.path) > 0)):
+            self._journal_path.unlink(missing_ok=True)  # resumed a finished file and added nothing: leave it
+            return
+        tmp = durable.temp_path(self.path)
         try:
             with pq.ParquetWriter(tmp, self._schema) as writer:
                 if self._done_ids:  # resuming a finished file: keep its rows
                     with pq.ParquetFile(self.path) as pf:
                         for batch in pf.iter_batches():
                             writer.write_table(_conform(batch, self._schema))
-                if self._journal_path.exists():
+                if journalled:
                     chunk: list[dict] = []
-                    for rec in read_records(self._journal_path):
+                    for _, rec in read_objects(self._journal_path):
                         if str(rec.get("id")) not in self._done_ids:  # crash between replace and unlink
                             chunk.append(rec)
                         if len(chunk) >= _MERGE_ROWS:
@@ -153,10 +159,11 @@ class ParquetSink(_Closing):
                             chunk = []
                     if chunk:
                         writer.write_table(_rows_table(chunk, self._schema))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            # Not resuming: <out> must still not exist (checked at the rename), so nothing is ever replaced.
+            durable.finish_temp(tmp, self.path, overwrite=self.resume)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise durable._oserror(self.path, e) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

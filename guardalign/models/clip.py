@@ -7,9 +7,8 @@ Two ways to get patch embeddings (DESIGN §1.1 "Patches", §4 "Dense CLIP featur
 - ``dense_patches``: one forward pass; the last block's patch tokens go through the MaskCLIP value
   path ``out_proj(v)`` (no residual, no FFN), then ``ln_post`` and ``proj``.
 
-Both return pixel boxes in the original image (window geometry and the dense value path live in
-:mod:`guardalign.models.patches`). Heavy imports: torch at module level (this module is only imported lazily
-by the CLI); open_clip inside functions.
+Both return pixel boxes in the original image (geometry: :mod:`guardalign.models.patches`). torch is imported at
+module level (the CLI imports this module lazily), open_clip inside functions.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guardalign.errors import ConfigError, ModelLoadError
+from guardalign.errors import ConfigError, ModelLoadError, warn
 from guardalign.models.patches import _value_path, dense_forward, dense_visual, grid_boxes, n_windows  # noqa: F401
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -117,8 +116,8 @@ def _resolve_weights(arch: str, label: str, pretrained: str) -> tuple[str | None
     import open_clip
 
     if pretrained.lower() == "none":
-        warnings.warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces "
-                      "is meaningless; use it only for tests.", UserWarning, stacklevel=3)
+        warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces is "
+             "meaningless; use it only for tests.")
         return None, "none", False
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if tag_cfg:
@@ -214,18 +213,17 @@ def save_checkpoint(model: torch.nn.Module, path) -> Path:
         ptr = t.untyped_storage().data_ptr()
         state[key] = t.clone() if ptr in seen else t  # safetensors refuses tensors that share memory
         seen.add(ptr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    from guardalign.io.durable import write_parts
+
+    def write(tmp: Path) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(state, str(tmp), metadata={"format": "pt"})
         else:
             torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_parts(path, write)  # temp file beside it, fsync, rename: never a half-written checkpoint
     return path
 
 

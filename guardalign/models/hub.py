@@ -4,6 +4,9 @@ huggingface_hub retries a failed connection five times with back-off (about 25 s
 offline first run would hang for a minute before saying "no weights". When the Hub's host name does not
 even resolve (and no proxy is configured), we switch huggingface_hub to its offline mode for the
 duration of the load: cached weights still load, missing ones fail at once with our own message.
+
+It also tells a local model folder from a hub id: a ``--model`` value that looks like a path is never sent
+to the Hub (whose "repo_type" error would hide the real problem, a folder that does not exist).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlparse
+
+from guardalign.errors import ModelLoadError
 
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
@@ -59,3 +64,34 @@ def offline_if_unreachable() -> Iterator[bool]:
         yield True
     finally:
         hub_constants.HF_HUB_OFFLINE = previous
+
+
+def looks_like_path(model: str) -> bool:
+    """True when ``model`` can only be meant as a local path, never as a hub id ``name`` or ``org/name``:
+    it starts with ``/``, ``.`` or ``~``, ends with a separator, or has more than one separator."""
+    seps = ("/", os.sep) + ((os.altsep,) if os.altsep else ())
+    text = str(model)
+    return (text.startswith(("/", ".", "~")) or text.endswith(seps) or text.count("/") > 1
+            or (os.sep != "/" and os.sep in text))
+
+
+def local_or_hub(model: str, flag: str = "--model") -> str:
+    """The value to load: ``~`` expanded; a path-like value must be an existing directory.
+
+    Raises
+    ------
+    ModelLoadError
+        ``model`` looks like a path (:func:`looks_like_path`) but no such directory exists, or it is a file.
+    """
+    text = str(model)
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ModelLoadError(f"{flag} {text}: is a file, not a directory; pass the model's folder (the one holding "
+                             "config.json, the weights and the processor files)")
+    if looks_like_path(text):
+        raise ModelLoadError(f"{flag} {text}: no such directory. A value that looks like a path is read as a local "
+                             "directory (holding config.json, the weights and the processor files), not as a "
+                             "Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
+    return text

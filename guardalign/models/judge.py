@@ -65,17 +65,27 @@ class Judgement:
     unsafe: bool | None  # True: "unsafe", False: "safe", None: output not understood
     raw: str  # the judge's decoded output
     categories: list[str] = field(default_factory=list)  # violated categories (Llama Guard "S1,S10"), if any
+    score: float | None = None  # a graded verdict when the judge gives one (MD-Judge 1-5, ShieldGemma max P(Yes))
+    details: dict = field(default_factory=dict)  # judge-specific extras (rationale, P(Yes) per policy, ...)
+    target: str = "response"  # what was judged: "response" (the answer) or "image" (the input image)
 
     def to_record(self) -> dict:
-        """The record's ``judge`` field."""
-        return {"model": self.model, "unsafe": self.unsafe, "raw": self.raw, "categories": list(self.categories)}
+        """The record's ``judge`` field (score, details and target only when the judge sets them)."""
+        rec = {"model": self.model, "unsafe": self.unsafe, "raw": self.raw, "categories": list(self.categories)}
+        if self.score is not None:
+            rec["score"] = self.score
+        if self.details:
+            rec["details"] = dict(self.details)
+        if self.target != "response":
+            rec["target"] = self.target
+        return rec
 
 
 class Judge(Protocol):
     name: str  # recorded as judge.model
 
     def judge(self, prompt: str, response: str) -> Judgement:
-        """Judge whether ``response`` to ``prompt`` is unsafe."""
+        """Judge whether ``response`` to ``prompt`` is unsafe (vision judges also take ``image=``)."""
 
 
 def parse_guard_output(text: str) -> tuple[bool | None, list[str]]:
@@ -109,8 +119,10 @@ class GuardModelJudge:
         """Load by hub id or local directory (offline rules and errors as ``lvlm.load_lvlm``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from guardalign.models.hub import local_or_hub
         from guardalign.models.lvlm import _from_pretrained, resolve_device, resolve_dtype
 
+        model = local_or_hub(model, flag="--judge")
         dev = resolve_device(device)
         tok = _from_pretrained(AutoTokenizer.from_pretrained, model)
         net = _from_pretrained(AutoModelForCausalLM.from_pretrained, model, dtype=resolve_dtype(dtype, dev))

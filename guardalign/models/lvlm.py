@@ -111,9 +111,6 @@ def _from_pretrained(loader, model: str, **kwargs):
         ) from first
 
 
-
-
-
 def resolve_dtype(dtype: str, device):
     """torch dtype for "auto" (bf16 on CUDA when supported, else fp16 on CUDA, fp32 on CPU) or a name."""
     import torch
@@ -150,6 +147,9 @@ def load_lvlm(model: str, *, device: str = "auto", dtype: str = "auto", revision
 
     from guardalign.attention.calibration import register
 
+    from guardalign.models.hub import local_or_hub
+
+    model = local_or_hub(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     _check_local_family(model)

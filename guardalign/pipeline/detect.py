@@ -17,9 +17,9 @@ class DetectStage:
     name = "scan"
     unit = "img"
 
-    def __init__(self, detector: Any, *, name: str = "scan"):
+    def __init__(self, detector: Any, *, name: str = "scan", batch_size: int | None = None):
         self.detector = detector
-        self.batch_size = detector.config.batch_size
+        self.batch_size = batch_size or detector.config.batch_size
         self.name = name
 
     def settings(self) -> dict[str, Any]:
@@ -37,6 +37,7 @@ class DetectStage:
                 continue
             rec = {"id": d.item.id, "source": d.item.source, "status": "ok", "error": None, **next(dets).to_record()}
             rec["sha256"] = d.info.sha256  # of the stored bytes: mask --from-scan refuses an image that changed
+            rec["image_column"] = d.item.meta.get("column")  # Parquet: which column (report reads the same)
             rec["notes"] = notes(d.info)
             rec["elapsed_s"] = round(per_image, 6)
             records.append(rec)

@@ -9,8 +9,11 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from guardalign.io.durable import (  # noqa: F401 (TMP_SUFFIX, atomic_write re-exported for mask)
+    TMP_SUFFIX, atomic_write, finish_temp, remove_stale_temps as remove_stale_tmp, temp_path,
+)
+
 MANIFEST = "manifest.jsonl"
-TMP_SUFFIX = ".guardalign-tmp"  # temp files are ".<name>.<pid>.guardalign-tmp"; stale ones are removed on start
 DONE = ("purified", "copied", "skipped")  # manifest statuses of a finished item
 
 
@@ -64,29 +67,6 @@ def cell_rel(item, parquet_dir: Path) -> str:
         return item.path.as_posix()
 
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temp file in the same folder and ``os.replace``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_tmp(root: Path) -> None:
-    if root.is_dir():
-        for dirpath, _, files in os.walk(root):
-            for name in files:
-                if name.startswith(".") and name.endswith(TMP_SUFFIX):
-                    Path(dirpath, name).unlink(missing_ok=True)
-
-
 def arrow_error() -> type:
     from pyarrow import ArrowException
 
@@ -130,7 +110,9 @@ class ParquetOut:
         self.target = job.root / rel
         if not inside(str(self.target.parent), job.root):
             raise ValueError(f"Parquet output {rel} would leave --out-dir")
-        self.pf = pq.ParquetFile(src)
+        import pyarrow as pa
+
+        self.pf = pq.ParquetFile(pa.OSFile(os.fsencode(src)))  # by its bytes: a non-UTF-8 name works
         md = self.pf.metadata
         # cumulative row counts: O(row groups), not quadratic (40k one-row groups in well under a second)
         self.ends = list(itertools.accumulate(md.row_group(i).num_rows for i in range(md.num_row_groups)))
@@ -138,8 +120,8 @@ class ParquetOut:
         self.failed: str | None = None  # why the output was abandoned
         self.done: list[dict] = []  # manifest entries of rows recorded as written into this output
         self.cells: dict[int, Any] = {}  # processed row → new cell (None: unchanged, WITHHELD: null); absent: not processed
-        self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}{TMP_SUFFIX}")
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.target)
         codec = md.row_group(0).column(0).compression.lower() if md.num_row_groups and md.num_columns else "snappy"
         codec = {"uncompressed": "none"}.get(codec, codec)  # keep the input's codec where pyarrow writes it
         codec = codec if codec in ("snappy", "gzip", "zstd", "lz4", "brotli", "none") else "snappy"
@@ -187,7 +169,7 @@ class ParquetOut:
         self.pf.close()
         if os.path.lexists(self.target) and not self.job.overwrite:
             raise FileExistsError(f"{self.rel} appeared during the run; not overwritten")
-        os.replace(self.tmp, self.target)
+        finish_temp(self.tmp, self.target)
 
     def abort(self) -> None:
         for close in (self.writer.close, self.pf.close):

@@ -42,7 +42,7 @@ class MaskStage:
     unit = "img"
     account_previous = False  # the counts say what this run wrote; earlier runs' items count as resumed
 
-    def __init__(self, root: Path, inputs: Sequence[str], *, fill: str, dilate: int, overlay: bool,
+    def __init__(self, root: Path, inputs: Sequence[str], *, fill: str, dilate: int, overlay: Path | None,
                  only_unsafe: bool, overwrite: bool, mean: tuple[float, float, float], settings: dict,
                  detector: Any = None, index: dict | None = None, batch_size: int = 32):
         self.root, self.inputs, self.mean = root, list(inputs), mean
@@ -50,7 +50,8 @@ class MaskStage:
         self.only_unsafe, self.overwrite = only_unsafe, overwrite
         self.detector, self.index, self.batch_size = detector, index, batch_size
         self._settings = settings
-        self.claims: dict[str, tuple[str, str]] = {"manifest.jsonl": ("", "manifest")}  # rel output → (source, id)
+        # output path → (source, id) of the item that claimed it; the manifest is taken
+        self.claims: dict[str, tuple[str, str]] = {str(root / "manifest.jsonl"): ("", "manifest")}
         self.originals = {os.path.realpath(g) for g in self.inputs if g != "-" and Path(g).is_file()}
         self.parquet: Any = None  # ParquetOut or TarOut being written (items of one file arrive together)
         self.kept: dict[str, bool] = {}  # Parquet/tar input → its output exists and is kept (no --overwrite)
@@ -66,7 +67,8 @@ class MaskStage:
             return False
         if prev.get("row") is not None:  # a Parquet row: complete while its output Parquet is kept
             return bool(prev.get("output")) and (self.root / prev["output"]).is_file()
-        return all((self.root / p).is_file() for p in (prev.get("output"), prev.get("overlay")) if p)
+        return (not prev.get("output") or (self.root / prev["output"]).is_file()) and \
+            (not prev.get("overlay") or (self.overlay is not None and (self.overlay / prev["overlay"]).is_file()))
 
     def process(self, batch: list[Decoded]) -> list[dict]:
         records = self._scan_records(batch)
@@ -137,22 +139,25 @@ class MaskStage:
                                              "error": f"the output {what} file is not written ({reason})"}))
             self.parquet.done = []
 
-    def _put(self, rel: str, data: bytes, item, entry: dict, status: str, key: str = "output") -> bool:
-        """Write one output file under root; False (entry updated) when it must not or cannot be."""
-        target = self.root / rel
+    def _put(self, rel: str, data: bytes, item, entry: dict, status: str, key: str = "output",
+             root: Path | None = None) -> bool:
+        """Write one output file under ``root`` (--out-dir by default); False (entry updated) when it must not or
+        cannot be."""
+        root = root or self.root
+        target = root / rel
         source = os.path.realpath(item.path) if item.path is not None else item.source
-        if not inside(str(target.parent), self.root):
+        if not inside(str(target.parent), root):
             entry.update(status="error", error=f"output {rel} would leave --out-dir (a symlinked folder); not written")
             return False
         if os.path.realpath(target) in self.originals or (item.path is not None and
                                                          os.path.realpath(target) == os.path.realpath(item.path)):
             entry.update(status="error", error=f"output {rel} is an input file; originals are never overwritten")
             return False
-        claim = self.claims.get(rel)
+        claim = self.claims.get(str(target))
         if claim is not None and claim[0] != source:
             entry.update(status="error", error=f"output {rel} is already taken by {claim[1]!r} (paths collide)")
             return False
-        self.claims[rel] = (source, item.id)
+        self.claims[str(target)] = (source, item.id)
         if os.path.lexists(target):
             if target.is_file() and not target.is_symlink() and target.read_bytes() == data:
                 entry[key], entry["status"] = rel, status
@@ -160,7 +165,7 @@ class MaskStage:
             if not self.overwrite or target.is_dir():
                 entry.update(status="exists", error=f"output {rel} already exists; pass --overwrite to replace it")
                 return False
-        atomic_write(target, data)
+        atomic_write(target, data, inside=root)
         entry[key], entry["status"] = rel, status
         return True
 
@@ -236,7 +241,7 @@ class MaskStage:
         buf = io.BytesIO()
         overlay(image, *args).save(buf, format="PNG")
         out: dict = {}
-        if self._put(rel, buf.getvalue(), item, out, "purified", key="overlay"):
+        if self._put(rel, buf.getvalue(), item, out, "purified", key="overlay", root=self.overlay):
             entry["overlay"] = rel
         else:
             entry["notes"].append(f"overlay not written: {out['error']}")

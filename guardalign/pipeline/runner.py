@@ -79,6 +79,11 @@ class RunSummary:
     gate_failed: bool = False  # a gate tripped
     gate_reason: str = ""  # why the gate failed (or why nothing could be vouched for)
     empty_under_gate: bool = False  # a gate was set but no item was readable
+    not_inputs: Any = None  # the source's SkipLog: files that are not images (no record), counted by reason
+
+    @property
+    def nothing_scanned(self) -> bool:  # the fault suite's name for an empty gated run
+        return self.empty_under_gate
 
     @property
     def skipped(self) -> int:  # wave-1 name of ``resumed``
@@ -124,7 +129,8 @@ class RunSummary:
                                 f"{gates.max_unsafe_rate:.2%}")
         elif gates.active and self.ok == 0:
             self.empty_under_gate = True
-            self.gate_reason = "a gate is set but no image was scanned: nothing to vouch for"
+            self.gate_reason = ("no image was scanned, so the gate cannot pass (check the inputs and the skipped "
+                                "files)")
 
 
 def failed(record: dict[str, Any]) -> bool:
@@ -169,6 +175,7 @@ def run_job(
     gates: Gates = Gates(),
     decode: Callable[[Item], Decoded] | bool = True,
     summary: RunSummary | None = None,
+    skipped: Any = None,
 ) -> RunSummary:
     """Run ``stage`` over ``items`` into ``sink``; return the summary with gates applied.
 
@@ -178,7 +185,8 @@ def run_job(
     ``total`` (items, resumed ones included) sizes the progress bar. Optional stage hooks: ``account(record,
     tally, sign)`` for stage counts, ``drain()`` for (old, new) corrections of records already written,
     ``close()`` at the end and ``abort()`` on an exception. An exception from the sink (an output that cannot
-    be written) ends the run.
+    be written) ends the run. ``skipped`` is the source's log of inputs that are not images (see
+    ``guardalign.io.sources.iter_items``), reported in the summary.
     """
     from guardalign.pipeline.progress import progress_bar
 
@@ -208,6 +216,7 @@ def run_job(
                 stage.abort()
             raise
     summary.seconds = time.perf_counter() - start
+    summary.not_inputs = skipped  # complete now that the items are exhausted
     summary.apply_gates(gates)
     return summary
 

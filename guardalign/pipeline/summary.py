@@ -28,6 +28,8 @@ def print_summary(summary: RunSummary, *, title: str | None = None, unit: str = 
     table.add_row("errors", str(summary.errors))
     if summary.resumed:
         table.add_row("resumed (already done)", str(summary.resumed))
+    for reason, n in (summary.not_inputs.by_reason.most_common() if summary.not_inputs else ()):
+        table.add_row(f"skipped · {reason}", str(n))
     table.add_row("throughput", f"{summary.throughput:.1f} {unit}/s over {summary.seconds:.1f} s")
     console.print(table)
     print_errors(console, summary.error_list, see="the records")
@@ -35,3 +37,15 @@ def print_summary(summary: RunSummary, *, title: str | None = None, unit: str = 
         console.print(f"GATE FAILED: {summary.gate_reason}", style="bold red", markup=False)
     elif summary.empty_under_gate:
         console.print(f"GATE NOT MET: {summary.gate_reason}", style="bold red", markup=False)
+
+
+def say_columns(plans: dict) -> None:
+    """One stderr line per Parquet input: which image column is read, and why (auto-detection explains itself)."""
+    from guardalign.pipeline.progress import stderr_console
+
+    console = stderr_console()
+    for plan in plans.values():
+        if plan.column and not plan.error:
+            console.print(f"{plan.path}: image column {plan.column!r} ({plan.why})"
+                          + (f"; other image columns not scanned: {', '.join(plan.others)}" if plan.others else ""),
+                          markup=False, highlight=False, style="dim")

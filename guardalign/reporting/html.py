@@ -6,13 +6,12 @@ from a record goes through :func:`esc`. Numbers use the formatters shared with M
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
 from pathlib import Path
 from typing import Any
 
-from guardalign.reporting.collect import answer_fields, rate_rows, scan_fields
+from guardalign.reporting.images import thumb_img  # noqa: F401 (re-exported)
+from guardalign.reporting.fields import answer_fields, mask_fields, rate_rows, scan_fields
+from guardalign.reporting.plots import esc, svg_histogram, svg_lines  # noqa: F401 (esc, svg_histogram re-exported)
 from guardalign.reporting.stats import fmt_int, fmt_num, fmt_rate
 
 SAFE, UNSAFE, VANILLA, CALIBRATED = "#4a7fc1", "#d0453c", "#7a7a7a", "#d0453c"
@@ -39,6 +38,14 @@ table.kv td:first-child{color:#555;white-space:nowrap}
 .resp{max-width:560px;white-space:pre-wrap;word-break:break-word}
 .grid{display:flex;flex-wrap:wrap;gap:12px}
 .thumb{display:block;border:1px solid #ccc}
+.reveal{position:relative;display:inline-block;cursor:pointer;overflow:hidden;line-height:0}
+.reveal input{position:absolute;opacity:0;width:1px;height:1px;margin:0}
+.reveal img{filter:blur(14px) grayscale(.6)}
+.reveal input:checked~img{filter:none}
+.reveal .hint{position:absolute;left:0;right:0;top:42%;text-align:center;line-height:1.2;color:#fff;font-weight:600;
+text-shadow:0 0 3px #000,0 0 6px #000}
+.reveal input:checked~.hint{display:none}
+.reveal input:focus-visible~img{outline:2px solid #1a5fb4}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px;word-break:break-all}
 svg.plot{background:#fff;display:block}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}
@@ -90,21 +97,24 @@ JS = """
 """
 
 
-def esc(value: Any) -> str:
-    """HTML-escape anything (quotes too, so it is safe inside attributes)."""
-    return html.escape(str(value), quote=True)
+def render_html(summary: dict[str, Any], data: Any, *, image_roots: list[Path], blur: bool = True) -> str:
+    """The whole page. ``data`` is the ``Collected`` the summary was built from (rows, thumbnails).
 
-
-def render_html(summary: dict[str, Any], data: Any, *, image_roots: list[Path]) -> str:
-    """The whole page. ``data`` is the ``Collected`` the summary was built from (rows, thumbnails)."""
+    ``blur``: thumbnails of unsafe items are blurred until clicked (a moderator chooses what to look at)."""
     roots = [r.resolve() for r in image_roots]
     body = [f"<h1>{esc(summary['title'])}</h1>",
             f"<p class=muted>Generated {esc(summary['generated_at'])} by guardalign. Self-contained: "
             "this file makes no network requests.</p>", _inputs(summary)]
     for i, (run, coll) in enumerate(zip(summary["scan"], data.scans)):
-        body.append(_scan_section(i, run, coll, roots, summary["limits"]))
+        body.append(_scan_section(i, run, coll, roots, summary["limits"], blur))
+    for i, run in enumerate(summary.get("mask", [])):
+        body.append(_mask_section(i, run))
     if summary["answers"] is not None:
-        body.append(_answers_section(summary["answers"], data.answers.rows(), summary["limits"]))
+        body.append(_answers_section(summary["answers"], data.answers.rows(), summary["limits"], roots, blur))
+    if summary.get("probe") is not None:
+        from guardalign.reporting.probe import probe_html
+
+        body.append(probe_html(summary["probe"]))
     body.append(_malformed(summary["malformed"], summary["limits"]))
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
@@ -143,7 +153,8 @@ def _filters(tid: str, selects: list[tuple[str, str, list[str]]]) -> str:
             f'aria-label="filter rows">{sel}<span class="shown muted"></span></div>')
 
 
-def _scan_section(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: dict[str, int]) -> str:
+def _scan_section(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: dict[str, int],
+                  blur: bool = True) -> str:
     word = "θ" if run["method"] == "global" else "τ"
     le = run["method"] != "global"
     out = [f"<section id=scan-{i}><h2>Scan: <span class=mono>{esc(run['path'])}</span></h2>",
@@ -168,7 +179,7 @@ def _scan_section(i: int, run: dict[str, Any], coll: Any, roots: list[Path], lim
         if run["categories_omitted"]:
             out.append(f"<p class=note>{fmt_int(run['categories_omitted'])} more categories not shown (the "
                        f"{len(run['categories'])} with the most flagged images are).</p>")
-    out.append(_flagged(i, run, coll, roots, limits))
+    out.append(_flagged(i, run, coll, roots, limits, blur))
     errs = run["error_items"]
     if errs["count"]:
         rows = [f"<tr><td class=mono>{esc(e['id'])}</td><td class=mono>{esc(e['source'] or '')}</td>"
@@ -182,8 +193,27 @@ def _capped_note(shown: int, total: int, what: str) -> str:
     return f"<p class=note>Listing the first {fmt_int(shown)} of {fmt_int(total)} {what}.</p>" if shown < total else ""
 
 
-def _flagged(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: dict[str, int]) -> str:
-    from guardalign.reporting.images import locate, thumbnails
+def thumb_html(uri: tuple[str, int, int] | None, alt: str, note: str, blur: bool) -> str:
+    """A thumbnail cell: the image (blurred behind a click-to-reveal checkbox when ``blur``) and its note."""
+    if not uri:
+        return f"<span class=muted>{esc(note)}</span>"
+    img = f'<img class=thumb src="{uri[0]}" width="{uri[1]}" height="{uri[2]}" alt="{esc(alt)}">'
+    if blur:  # CSS only: works with scripts off; the checkbox keeps it keyboard-reachable
+        img = (f'<label class=reveal title="unsafe image: click to reveal"><input type=checkbox '
+               f'aria-label="reveal {esc(alt)}">{img}<span class=hint>click to reveal</span></label>')
+    return img + (f"<div class=muted>{esc(note)}</div>" if note else "")
+
+
+def _source_link(src: str, base_dir: Path, roots: list[Path]) -> str:
+    """The source as text, linked only when it names a file inside the allowed roots."""
+    from guardalign.reporting.images import link_target
+
+    path = link_target(src, base_dir, roots)
+    return f'<a href="{esc(path.as_uri())}">{esc(src)}</a>' if path else esc(src)
+
+
+def _flagged(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: dict[str, int], blur: bool) -> str:
+    from guardalign.reporting.images import thumbnails
 
     rows = coll.rows()
     thumbs = thumbnails(coll.thumb_records(), coll.base_dir, roots)
@@ -195,18 +225,17 @@ def _flagged(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: 
                    f"past the threshold (cap --max-rows {fmt_int(limits['max_rows'])}).</p>")
     made = sum(1 for uri, _ in thumbs.values() if uri)
     out.append(f"<p class=muted>Thumbnails (patch heatmap, unsafe boxes outlined) for the {fmt_int(len(thumbs))} most "
-               f"severe rows (cap --max-thumbnails {fmt_int(limits['max_thumbnails'])}); {fmt_int(made)} could be drawn.</p>")
+               f"severe rows (cap --max-thumbnails {fmt_int(limits['max_thumbnails'])}); {fmt_int(made)} could be drawn "
+               "from bytes matching the record's sha256." + (" Blurred: click one to reveal it (--no-blur turns this "
+               "off)." if blur else "") + "</p>")
     tid = f"flagged-{i}"
     cats = sorted({r["category"] or "(none)" for r in rows})
     out.append(_filters(tid, [("data-cat", "categories", cats)]))
     body = []
     for r in rows:
         uri, note = thumbs.get(r["seq"], (None, "not drawn (beyond --max-thumbnails)"))
-        img = (f'<img class=thumb src="{uri[0]}" width="{uri[1]}" height="{uri[2]}" alt="heatmap of {esc(r["id"])}">'
-               + (f"<div class=muted>{esc(note)}</div>" if note else "")) if uri else f"<span class=muted>{esc(note)}</span>"
-        src = r["source"] or ""
-        path = locate(src, coll.base_dir)
-        link = f'<a href="{esc(path.as_uri())}">{esc(src)}</a>' if path else esc(src)
+        img = thumb_html(uri, f"heatmap of {r['id']}", note, blur)
+        link = _source_link(r["source"] or "", coll.base_dir, roots)
         body.append(f'<tr data-cat="{esc(r["category"] or "(none)")}"><td>{img}</td><td class=mono>{esc(r["id"])}</td>'
                     f'<td>{esc(r["category"] or "(none)")}</td><td class=n data-v="{r["score"]!r}">{fmt_num(r["score"])}</td>'
                     f'<td class=n data-v="{r["threshold"]!r}">{fmt_num(r["threshold"])}</td>'
@@ -216,9 +245,11 @@ def _flagged(i: int, run: dict[str, Any], coll: Any, roots: list[Path], limits: 
     return "\n".join(out)
 
 
-def _answers_section(a: dict[str, Any], rows: list[dict[str, Any]], limits: dict[str, int]) -> str:
+def _answers_section(a: dict[str, Any], rows: list[dict[str, Any]], limits: dict[str, int], roots: list[Path],
+                     blur: bool = True) -> str:
     out = ["<section id=answers><h2>Answers</h2>", _kv(answer_fields(a))]
-    extra = [("model", a["models"]), ("calibration", a["calibration"]), ("anchors sha256", a["anchors_sha256"])]
+    extra = [("files", a.get("files", {})), ("model", a["models"]), ("calibration", a["calibration"]),
+             ("anchors sha256", a["anchors_sha256"])]
     out.append(_kv([(k, esc(", ".join(f"{v} ×{fmt_int(n)}" for v, n in d.items())) or "—") for k, d in extra]))
     rr = rate_rows(a)
     if rr:
@@ -239,7 +270,7 @@ def _answers_section(a: dict[str, Any], rows: list[dict[str, Any]], limits: dict
         if pa["other_layer_counts"]:
             out.append(f"<p class=note>{fmt_int(pa['other_layer_counts'])} answers from models with another layer count "
                        "are left out of this plot.</p>")
-    out.append(_responses(a, rows, limits))
+    out.append(_responses(a, rows, limits, roots, blur))
     errs = a["error_items"]
     if errs["count"]:
         body = [f"<tr><td class=mono>{esc(e['id'])}</td><td class=mono>{esc(e['source'] or '')}</td>"
@@ -249,28 +280,59 @@ def _answers_section(a: dict[str, Any], rows: list[dict[str, Any]], limits: dict
     return "\n".join(out) + "</section>"
 
 
-def _responses(a: dict[str, Any], rows: list[dict[str, Any]], limits: dict[str, int]) -> str:
+def _responses(a: dict[str, Any], rows: list[dict[str, Any]], limits: dict[str, int], roots: list[Path],
+               blur: bool = True) -> str:
+    from guardalign.reporting.images import answer_thumbnail
+
     out = [f"<h3>Responses ({fmt_int(a['ok'])})</h3>"]
     if len(rows) < a["ok"]:
         out.append(f"<p class=note>Showing {fmt_int(len(rows))} of {fmt_int(a['ok'])} responses: judged unsafe and "
                    f"not refused first, then in input order (cap --max-rows {fmt_int(limits['max_rows'])}).</p>")
     if not rows:
         return "".join(out)
+    out.append("<p class=muted>Image: what the model was shown (the prompt's image, verified against the record's "
+               "image_sha256, with the purified boxes filled), for the first "
+               f"{fmt_int(min(len(rows), limits['max_thumbnails']))} rows. Category: the prompt's own; detected: the "
+               "detector's. Run: the answers file the row came from.</p>")
     yn = {True: "yes", False: "no", None: "—"}
-    body = []
-    for r in rows:
+    body, cache = [], {}
+    for k, r in enumerate(rows):
         judge = {True: "<span class=bad>unsafe</span>", False: "<span class=good>safe</span>", None: "—"}[r["judge_unsafe"]]
         refused = "<span class=good>yes</span>" if r["refused"] else "<span class=bad>no</span>"
         cat = r["category"] or "(none)"
-        body.append(f'<tr data-cat="{esc(cat)}" data-refused="{yn[r["refused"]]}"><td class=mono>{esc(r["id"])}</td>'
-                    f'<td>{esc(cat)}</td><td>{yn[r["purified"]]}</td><td>{refused}</td><td>{judge}</td>'
-                    f'<td class=resp>{esc(r["prompt"])}</td><td class=resp>{esc(r["response"])}'
-                    f'{"<span class=muted> … (truncated)</span>" if r["truncated"] else ""}</td></tr>')
+        base = Path(r["file"]).resolve().parent if r.get("file") else Path.cwd()
+        if k < limits["max_thumbnails"]:
+            uri, note = answer_thumbnail(r, base, roots, cache)
+        else:
+            uri, note = None, "not drawn (beyond --max-thumbnails)"
+        img = thumb_html(uri, f"image of {r['id']}", note, blur and r.get("verdict") == "unsafe")
+        body.append(f'<tr data-cat="{esc(cat)}" data-refused="{yn[r["refused"]]}"><td>{img}</td>'
+                    f'<td class=mono>{esc(r["id"])}</td><td class=mono>{esc(r.get("file") or "—")}</td>'
+                    f'<td>{esc(cat)}</td><td>{esc(r.get("detected") or "—")}</td><td>{yn[r["purified"]]}</td>'
+                    f'<td>{refused}</td><td>{judge}</td><td class=resp>{esc(r["prompt"])}</td><td class=resp>'
+                    f'{esc(r["response"])}{"<span class=muted> … (truncated)</span>" if r["truncated"] else ""}</td></tr>')
     cats = sorted({r["category"] or "(none)" for r in rows})
     out.append(_filters("responses", [("data-cat", "categories", cats), ("data-refused", "refused", ["yes", "no"])]))
-    out.append(_table(["id", "category", "purified", "refused", "judge", "prompt", "response"], body,
-                      cls="sortable", tid="responses"))
+    out.append(_table(["image", "id", "run", "category", "detected", "purified", "refused", "judge", "prompt",
+                       "response"], body, cls="sortable", tid="responses"))
     return "\n".join(out)
+
+
+def _mask_section(i: int, run: dict[str, Any]) -> str:
+    """A mask manifest: entries by status, fill and dilation, purified items per category, error entries."""
+    out = [f"<section id=mask-{i}><h2>Mask run: <span class=mono>{esc(run['path'])}</span></h2>",
+           _kv(mask_fields(run, esc))]
+    cats = run["purified_by_category"]
+    if cats:
+        out.append("<h3>Purified per category</h3>" + _table(
+            ["category", "#purified"], [f"<tr><td>{esc(c)}</td><td class=n>{fmt_int(n)}</td></tr>" for c, n in cats.items()]))
+    errs = run["error_items"]
+    if errs["count"]:
+        rows = [f"<tr><td class=mono>{esc(e['id'])}</td><td class=mono>{esc(e['source'] or '')}</td>"
+                f"<td class=err>{esc(e['error'])}</td></tr>" for e in errs["items"]]
+        out.append(f"<h3>Mask errors ({fmt_int(errs['count'])})</h3>"
+                   + _capped_note(len(errs["items"]), errs["count"], "error entries") + _table(["id", "source", "error"], rows))
+    return "\n".join(out) + "</section>"
 
 
 def _malformed(mal: dict[str, Any], limits: dict[str, int]) -> str:
@@ -281,97 +343,3 @@ def _malformed(mal: dict[str, Any], limits: dict[str, int]) -> str:
     return (f"<section id=malformed><h2>Malformed records ({fmt_int(mal['count'])})</h2>"
             + _capped_note(len(mal["items"]), mal["count"], "malformed records")
             + _table(["file", "where", "error"], rows) + "</section>")
-
-
-# --------------------------------------------------------------------------- SVG
-
-
-def svg_histogram(stacks: list[tuple[str, list[int], str]], lo: float, hi: float, tau: float | None, *,
-                  unsafe_le: bool, w: int = 640, h: int = 180, small: bool = False, label: str = "", word: str = "τ") -> str:
-    """Stacked bar histogram over [lo, hi] with the threshold line and the unsafe side shaded."""
-    L, R, T, B = (4, 4, 4, 4) if small else (48, 14, 20, 30)
-    pw, ph, n = w - L - R, h - T - B, len(stacks[0][1])
-    tot = [sum(s[1][k] for s in stacks) for k in range(n)]
-    ymax = max(tot) or 1
-    sx = lambda v: L + (v - lo) / (hi - lo) * pw  # noqa: E731
-    p = [f'<svg class=plot width="{w}" height="{h}" viewBox="0 0 {w} {h}" role=img aria-label="{esc(label)}">']
-    if tau is not None and lo <= tau <= hi:
-        x0, x1 = (L, sx(tau)) if unsafe_le else (sx(tau), L + pw)
-        p.append(f'<rect x="{x0:.1f}" y="{T}" width="{x1 - x0:.1f}" height="{ph}" fill="#fbe3e1"/>')
-    bw, step = pw / n, (hi - lo) / n
-    for k in range(n):
-        y = T + ph
-        for name, counts, colour in stacks:
-            if counts[k]:
-                bh = counts[k] / ymax * ph
-                y -= bh
-                p.append(f'<rect x="{L + k * bw + 0.5:.1f}" y="{y:.1f}" width="{max(bw - 1, 0.8):.1f}" height="{bh:.1f}" '
-                         f'fill="{colour}"><title>{esc(name)} {lo + k * step:.4f} to {lo + (k + 1) * step:.4f}: '
-                         f'{counts[k]}</title></rect>')
-    p.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" stroke="#888"/>')
-    if not small:
-        p.append(f'<text x="{L - 6}" y="{T + 8}" font-size="11" text-anchor="end">{ymax}</text>'
-                 f'<text x="{L - 6}" y="{T + ph}" font-size="11" text-anchor="end">0</text>'
-                 f'<text x="{L}" y="{h - 10}" font-size="11">{lo:.3f}</text>'
-                 f'<text x="{L + pw}" y="{h - 10}" font-size="11" text-anchor="end">{hi:.3f}</text>')
-    if tau is not None and lo <= tau <= hi:
-        x = sx(tau)
-        p.append(f'<line x1="{x:.1f}" y1="{T - (0 if small else 6)}" x2="{x:.1f}" y2="{T + ph}" stroke="#b00" '
-                 f'stroke-width="{1.5 if small else 2}" stroke-dasharray="4 3"/>')
-        if not small:
-            p.append(f'<text x="{x + 4:.1f}" y="{T + 2}" font-size="12" fill="#b00">{word} = {tau:.4f}</text>')
-    return "".join(p) + "</svg>"
-
-
-def svg_lines(series: list[tuple[str, list[float | None], str]], *, band: list[int] | None = None,
-              w: int = 640, h: int = 240) -> str:
-    """Per-layer line plot (x = layer index); ``band`` [a, b) shades the calibrated layers."""
-    L, R, T, B = (52, 14, 14, 46)
-    pw, ph = w - L - R, h - T - B
-    n = max(len(v) for _, v, _ in series)
-    ys = [y for _, v, _ in series for y in v if y is not None]
-    ymax = (max(ys) if ys else 1.0) * 1.1 or 1.0
-    ymin = min(0.0, min(ys) if ys else 0.0)
-    sx = lambda i: L + (i / (n - 1) * pw if n > 1 else pw / 2)  # noqa: E731
-    sy = lambda v: T + ph - (v - ymin) / (ymax - ymin) * ph  # noqa: E731
-    p = [f'<svg class=plot width="{w}" height="{h}" viewBox="0 0 {w} {h}" role=img aria-label="prefix attention per layer">']
-    if band and n > 1:
-        a, b = max(band[0], 0), min(band[1], n)
-        x0, x1 = sx(a) - pw / (n - 1) / 2, sx(b - 1) + pw / (n - 1) / 2
-        p.append(f'<rect x="{max(x0, L):.1f}" y="{T}" width="{min(x1, L + pw) - max(x0, L):.1f}" height="{ph}" fill="#fdf0d8">'
-                 f'<title>calibrated layers [{a}, {b})</title></rect>')
-    p.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" stroke="#888"/>'
-             f'<line x1="{L}" y1="{T}" x2="{L}" y2="{T + ph}" stroke="#888"/>')
-    p.append(f'<text x="{L - 6}" y="{T + 8}" font-size="11" text-anchor="end">{ymax:.3f}</text>'
-             f'<text x="{L - 6}" y="{T + ph}" font-size="11" text-anchor="end">{ymin:.3f}</text>')
-    tick = max(1, n // 16)
-    for i in range(0, n, tick):
-        p.append(f'<text x="{sx(i):.1f}" y="{T + ph + 14}" font-size="10" text-anchor="middle">{i}</text>')
-    p.append(f'<text x="{L + pw / 2:.1f}" y="{h - 18}" font-size="11" text-anchor="middle">layer</text>')
-    for name, vals, colour in series:
-        seg: list[str] = []
-        for i, v in enumerate(vals + [None]):
-            if v is None:
-                if len(seg) > 1:
-                    p.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{colour}" stroke-width="2"/>')
-                seg = []
-                continue
-            seg.append(f"{sx(i):.1f},{sy(v):.1f}")
-            p.append(f'<circle cx="{sx(i):.1f}" cy="{sy(v):.1f}" r="3" fill="{colour}"><title>{esc(name)} layer {i}: '
-                     f'{v:.4f}</title></circle>')
-    lx = L
-    for name, _, colour in series:
-        p.append(f'<rect x="{lx}" y="{h - 12}" width="12" height="10" fill="{colour}"/>'
-                 f'<text x="{lx + 16}" y="{h - 3}" font-size="11">{esc(name)}</text>')
-        lx += 110
-    if band:
-        p.append(f'<rect x="{lx}" y="{h - 12}" width="12" height="10" fill="#fdf0d8" stroke="#e0c890"/>'
-                 f'<text x="{lx + 16}" y="{h - 3}" font-size="11">calibrated layers [{band[0]}, {band[1]})</text>')
-    return "".join(p) + "</svg>"
-
-
-def thumb_img(image: Any) -> tuple[str, int, int]:
-    """(JPEG data URI, width, height) of a PIL image."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, "JPEG", quality=72, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), image.width, image.height

@@ -151,7 +151,7 @@ def test_no_purify_and_safe_images_keep_the_original(tmp_path, lv, detectors, an
 def test_bad_lines_become_error_records_and_the_run_goes_on(tmp_path, lv, detectors):
     long_question = "Describe every detail " * 400  # far beyond the 512-token context
     prompts = write_prompts(tmp_path, [
-        '{"id": "broken", "image": ',  # 1 malformed JSON
+        '{"id": "broken", "image": ',  # 1 invalid JSON
         "[1, 2]",  # 2 not an object
         {"id": "noimg", "prompt": "What is it?"},  # 3 missing field
         {"id": "gone", "image": "imgs/missing.png", "prompt": "What is it?"},  # 4 missing image file
@@ -167,7 +167,7 @@ def test_bad_lines_become_error_records_and_the_run_goes_on(tmp_path, lv, detect
     assert all(set(r) == RECORD_FIELDS for r in recs)
     errors = [r["error"] for r in recs]
     name = str(prompts)
-    assert recs[0]["id"] == f"{name}#1" and errors[0].startswith(f"{name}:1: malformed JSON")
+    assert recs[0]["id"] == f"{name}#1" and errors[0].startswith(f"{name}:1: invalid JSON")
     assert errors[1] == f"{name}:2: expected a JSON object, got list"
     assert recs[2]["id"] == "noimg" and errors[2] == f"{name}:3: missing field 'image'"
     assert "line 4" in errors[3] and "imgs/missing.png" in errors[3]
@@ -282,7 +282,7 @@ def test_cli_bad_line_exit_3(tmp_path, cli_args):
     ok, bad = records(out)
     assert ok["status"] == "ok" and ok["calibration"]["prefix_at"] == "response"
     assert ok["calibration"]["mode"] == "paper" and ok["calibration"]["layers"] == [1, 4]
-    assert bad["status"] == "error" and "malformed JSON" in bad["error"]
+    assert bad["status"] == "error" and "invalid JSON" in bad["error"]
 
 
 def test_cli_unknown_family_exit_2_nothing_written(tmp_path, cli_args):

@@ -177,7 +177,7 @@ def test_bad_lines_are_skipped_and_reported(tmp_path, anchors_file):
     res = calibrate(labelled, anchors=anchors_file, target_fpr=0.0, bootstrap=20, progress=False)
     lines = {n: why for n, why in res.skipped}
     assert sorted(lines) == [11, 12, 13, 14, 15]
-    assert "not valid JSON" in lines[11] and "lab.jsonl:11" in lines[11]
+    assert "invalid JSON" in lines[11] and "lab.jsonl:11" in lines[11]
     assert "label" in lines[12] and "'maybe'" in lines[12]
     assert "'gamma'" in lines[13] and "alpha, beta" in lines[13]
     assert "image" in lines[14] and "JSON object" in lines[15]

@@ -243,7 +243,9 @@ def test_parquet_same_schema_rows_and_order(tmp_path, model_args):
     for i, (x, y) in enumerate(zip(hf_in, hf_out)):
         assert y["path"] == x["path"] and y["bytes"] != x["bytes"]  # replaced, in place
         assert Image.open(io.BytesIO(y["bytes"])).size == (40, 30)
-    assert (out / "hf.parquet.overlays" / "0.overlay.png").is_file()
+    overlays = out.with_name(out.name + ".overlays")  # beside the purified tree, never inside it
+    assert (overlays / "hf.parquet.overlays" / "0.overlay.png").is_file()
+    assert not any(p.name.endswith(".overlay.png") for p in out.rglob("*"))
     # path cells keep their text; the purified images sit beside the output at that path
     assert pq.read_table(out / "paths.parquet").column("file").to_pylist() == ["imgs/p0.png", "imgs/p1.png"]
     assert (out / "imgs" / "p0.png").read_bytes() != (tmp_path / "data" / "imgs" / "p0.png").read_bytes()
@@ -376,9 +378,9 @@ def test_original_is_never_overwritten(tmp_path, detector, monkeypatch):
     monkeypatch.chdir(tmp_path)
     noise(tmp_path / "a.png")
     before = (tmp_path / "a.png").read_bytes()
-    s = mask(["a.png"], out_dir=".", overwrite=True, detector=detector, progress=False)
-    assert s.exit_code == 3 and (tmp_path / "a.png").read_bytes() == before
-    assert "originals are never overwritten" in manifest(tmp_path)["a.png"]["error"]
+    with pytest.raises(ConfigError, match="contains the input file a.png"):  # refused before anything is written
+        mask(["a.png"], out_dir=".", overwrite=True, detector=detector, progress=False)
+    assert (tmp_path / "a.png").read_bytes() == before and not (tmp_path / MANIFEST).exists()
 
 
 def test_no_overwrite_without_flag_and_idempotent_rerun(tmp_path, detector):
@@ -469,7 +471,9 @@ def test_from_scan_reuses_boxes(tmp_path, scanned, model_args):
     changed = (pixels(src / "a.png") != pixels(out / "a.png")).any(axis=2)
     assert np.array_equal(changed, union((90, 60), [box]))
     assert (out / "b.png").read_bytes() == (src / "b.png").read_bytes()
-    assert (out / "a.png.overlay.png").is_file() and not (out / "b.png.overlay.png").exists()
+    overlays = out.with_name(out.name + ".overlays")
+    assert (overlays / "a.png.overlay.png").is_file() and not (overlays / "b.png.overlay.png").exists()
+    assert not (out / "a.png.overlay.png").exists()
 
 
 def test_from_scan_with_other_anchors_is_a_clear_error(tmp_path, scanned, model_args):
@@ -486,6 +490,20 @@ def test_from_scan_with_other_anchors_is_a_clear_error(tmp_path, scanned, model_
     assert not out.exists()  # nothing written
     res = run([str(src), "--out-dir", str(out), "--from-scan", str(records), "--tau", "0.5", *model_args])
     assert res.exit_code == 2 and "--tau" in res.stderr
+
+
+def test_from_scan_takes_its_provenance_from_the_scan_and_loads_no_model(tmp_path, scanned, detector):
+    src, records = scanned
+    out = tmp_path / "out"
+    # a CLIP that cannot be loaded: mask must not need it, the scan records carry model, anchors and mean colour
+    s = mask([str(src)], out_dir=str(out), from_scan=str(records), clip_model=str(tmp_path / "no.json"),
+             pretrained="none", progress=False)
+    assert s.exit_code == 0 and s.total == 2
+    recs = [json.loads(x) for x in records.read_text().splitlines()]
+    recs[1]["settings"] = {**recs[1]["settings"], "tau": 0.123}
+    records.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ConfigError, match="other settings"):
+        mask([str(src)], out_dir=str(tmp_path / "o2"), from_scan=str(records), progress=False)
 
 
 def test_from_scan_missing_id_is_an_item_error(tmp_path, scanned, detector):
@@ -551,6 +569,36 @@ def test_from_scan_records_without_a_hash_fall_back_to_the_size_check(tmp_path, 
 # ----------------------------------------------------------------------------- overlays
 
 
+def test_overlays_never_land_in_the_purified_tree_and_rescans_see_only_outputs(tmp_path, detector):
+    from guardalign.commands.scan import scan
+
+    src = tmp_path / "in"
+    for i in range(3):
+        noise(src / f"{i}.png", seed=i)
+    out = tmp_path / "clean"
+    s = mask([str(src)], out_dir=str(out), overlay=True, detector=detector.with_config(tau=2.0), progress=False)
+    assert s.overlays == 3 and s.purified == 3
+    rescan = scan([str(out)], out=str(tmp_path / "r.jsonl"), detector=detector, progress=False)
+    assert rescan.total == 3  # one record per purified image: no overlay picked up (was 2 per item)
+    with pytest.raises(ConfigError, match="overlaps --out-dir"):
+        mask([str(src)], out_dir=str(out), overlay_dir=str(out / "ov"), detector=detector, progress=False)
+
+
+def test_rerun_with_another_fill_is_refused_by_name_and_overwrite_redoes_it(tmp_path, detector):
+    src = tmp_path / "in"
+    noise(src / "a.png")
+    out = tmp_path / "out"
+    det = detector.with_config(tau=2.0)
+    mask([str(src)], out_dir=str(out), fill="mean", detector=det, progress=False)
+    first = (out / "a.png").read_bytes()
+    with pytest.raises(ConfigError, match='fill: "mean" → "black"'):
+        mask([str(src)], out_dir=str(out), fill="black", detector=det, progress=False)
+    assert (out / "a.png").read_bytes() == first and manifest(out)["a.png"]["fill"] == "mean"
+    s = mask([str(src)], out_dir=str(out), fill="black", overwrite=True, detector=det, progress=False)
+    assert s.exit_code == 0 and s.purified == 1 and (out / "a.png").read_bytes() != first
+    assert manifest(out)["a.png"]["fill"] == "black"  # the manifest agrees with the folder
+
+
 def test_overlays_exist_with_the_stated_size(tmp_path, detector):
     src = tmp_path / "in"
     noise(src / "wide.png", size=(700, 300))
@@ -561,7 +609,7 @@ def test_overlays_exist_with_the_stated_size(tmp_path, detector):
     for name, size in (("wide.png", (700, 300)), ("small.png", (90, 60))):
         e = manifest(out)[name]
         assert e["overlay"] == f"{name}.overlay.png"
-        with Image.open(out / e["overlay"]) as im:
+        with Image.open(out.with_name(out.name + ".overlays") / e["overlay"]) as im:
             assert im.size == thumbnail_size(*size) and max(im.size) <= 512
     assert thumbnail_size(700, 300) == (512, 219)
 
@@ -621,7 +669,7 @@ def test_global_method_masks_the_whole_image(tmp_path, detector):
     assert s.purified == 1 and (pixels(out / "a.png") == 0).all()
     e = manifest(out)["a.png"]
     assert e["boxes"] == [[0, 0, 90, 60]] and any("whole image" in n for n in e["notes"])
-    assert Image.open(out / "a.png.overlay.png").size == (90, 60)
+    assert Image.open(out.with_name(out.name + ".overlays") / "a.png.overlay.png").size == (90, 60)
     assert pixels(src).shape == (60, 90, 3)
 
 
@@ -637,3 +685,18 @@ def test_parquet_path_cell_conflict_abandons_that_parquet(tmp_path, detector):
     assert any(rid == "paths.parquet" and "not written" in err for rid, err in s.error_list)
     s = mask([str(files["paths"])], out_dir=str(out), overwrite=True, detector=detector, progress=False)
     assert s.exit_code == 0 and (out / "paths.parquet").is_file()
+
+
+def test_a_second_image_column_is_refused_by_name_and_the_choice_is_explained(tmp_path, detector, capsys):
+    cells = [_png_bytes(i) for i in range(2)]
+    src = tmp_path / "two.parquet"
+    pq.write_table(pa.table({"photo": pa.array(cells, pa.binary()), "raw": pa.array(cells, pa.binary()),
+                             "n": [1, 2]}), src)
+    with pytest.raises(ConfigError, match=r"other image columns \(raw\)"):
+        mask([str(src)], out_dir=str(tmp_path / "out"), image_column="photo", detector=detector, progress=False)
+    assert not (tmp_path / "out").exists()
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary()), "blob": pa.array([b"\x00\x01", None])}), one)
+    s = mask([str(one)], out_dir=str(tmp_path / "o1"), detector=detector, progress=True)
+    assert s.exit_code == 0
+    assert "image column 'image' (a binary column" in capsys.readouterr().err  # says which, and why

@@ -124,10 +124,11 @@ def test_tau_for_and_taus():
     with pytest.raises(AnchorError, match="did you mean 'drugs'"):
         s.tau_for("drug")
     assert s.taus(override=np.float32(0.5)) == [0.5, 0.5]
-    for bad in (0, -0.1, 2.5, float("nan"), True, "0.5"):
-        with pytest.raises(AnchorError, match=r"\(0, 2\]"):
+    assert s.taus(override=0) == [0.0, 0.0] and s.tau_for("drugs", override=0) == 0.0  # 0 flags nothing
+    for bad in (-0.1, 2.5, float("nan"), True, "0.5"):
+        with pytest.raises(AnchorError, match=r"\[0, 2\]"):
             s.taus(override=bad)
-        with pytest.raises(AnchorError, match=r"\(0, 2\]"):
+        with pytest.raises(AnchorError, match=r"\[0, 2\]"):
             s.tau_for("weapons", override=bad)
 
 
@@ -137,6 +138,66 @@ def test_whitespace_normalised_and_tau_boundaries():
     assert parse_anchors(edit("tau: 0.75", "tau: 2")).tau == 2.0  # upper bound is inclusive
     assert parse_anchors(edit("    tau: 0.6\n", "    tau: null\n")).categories[1].tau is None
     assert parse_anchors("\ufeff" + VALID).names == ("weapons", "drugs")  # a BOM is fine
+
+
+MINIMAL = "categories:\n  - name: guns\n    variants: [a photo of a gun, a photo of a rifle]\n"
+
+
+def test_only_categories_required_and_defaults_documented():
+    s = parse_anchors(MINIMAL)
+    assert (s.version, s.tau, s.prefix, s.refusal_phrases) == (1, A.DEFAULT_TAU, A.DEFAULT_PREFIX,
+                                                               A.DEFAULT_REFUSAL_PHRASES)
+    assert s.categories[0].description == "guns" and s.categories[0].tau is None and s.fitted_for is None
+    # a key left out hashes the same as the key written with its default value
+    full = ("version: 1\ntau: 0.75\nprefix: " + json.dumps(A.DEFAULT_PREFIX) + "\nrefusal_phrases: "
+            + json.dumps(list(A.DEFAULT_REFUSAL_PHRASES)) + "\n" + MINIMAL.replace("    variants", "    description: guns\n    variants"))
+    assert parse_anchors(full).sha256 == s.sha256
+    # the defaults are the shipped default.yaml's values, so omitting a key behaves like the shipped set
+    shipped = load_anchors()
+    assert (shipped.version, shipped.tau, shipped.prefix, shipped.refusal_phrases) == (
+        s.version, s.tau, s.prefix, s.refusal_phrases)
+    # and they are listed in the docs
+    root = Path(__file__).resolve().parents[2]
+    for doc in (root / "docs" / "anchors.md", root / "README.md"):
+        text = doc.read_text()
+        assert "`tau`" in text and "0.75" in text and "description" in text, doc
+    assert A.DEFAULT_PREFIX in " ".join((root / "docs" / "anchors.md").read_text().split())
+
+
+def test_empty_prefix_and_zero_tau_accepted():
+    s = parse_anchors('prefix: ""\ntau: 0\n' + MINIMAL)
+    assert s.prefix == "" and s.tau == 0.0 and s.taus() == [0.0]
+    assert parse_anchors("prefix: '   '\n" + MINIMAL).prefix == ""  # blank is no prefix too
+    assert parse_anchors(edit("tau: 0.6", "tau: 0.0")).categories[1].tau == 0.0
+    assert parse_anchors('prefix: ""\n' + MINIMAL).sha256 != parse_anchors(MINIMAL).sha256
+
+
+def test_fitted_for_parsed_and_not_hashed():
+    text = MINIMAL + "fitted_for:\n  model: ViT-B-32\n  pretrained: openai\n  method: ot\n  patches: grid\n  grid: 3\n  stride: 1\n"
+    s = parse_anchors(text)
+    assert s.fitted_for == A.FittedFor("ViT-B-32", "openai", "ot", "grid", 3, 1.0)
+    assert s.fitted_for.to_dict() == {"model": "ViT-B-32", "pretrained": "openai", "method": "ot",
+                                      "patches": "grid", "grid": 3, "stride": 1.0}
+    assert s.sha256 == parse_anchors(MINIMAL).sha256  # provenance, not content
+    assert parse_anchors(MINIMAL + "fitted_for: {model: ViT-L-14}\n").fitted_for.to_dict() == {"model": "ViT-L-14"}
+    assert "fitted_for.grid: expected an integer" in error_of(MINIMAL + "fitted_for: {grid: 2.5}\n")
+    assert "fitted_for.gird: unknown key; did you mean 'grid'" in error_of(MINIMAL + "fitted_for: {gird: 3}\n")
+    assert "fitted_for.stride: expected a fraction" in error_of(MINIMAL + "fitted_for: {stride: 0}\n")
+
+
+@pytest.mark.parametrize("deep", [
+    "a: " + "[" * 5000 + "]" * 5000 + "\n",  # flow style
+    "- " * 5000 + "x\n",  # block style
+    MINIMAL + "fitted_for: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n",
+], ids=["flow", "block", "inside-a-valid-file"])
+def test_deeply_nested_yaml_is_a_config_error_not_recursion(deep, tmp_path):
+    msg = error_of(deep)
+    assert "nested more than" in msg and msg.startswith(f"{SRC}:"), msg
+    f = tmp_path / "deep.yaml"
+    f.write_text(deep)
+    with pytest.raises(ConfigError, match="nested more than") as info:
+        load_anchors(f)
+    assert info.value.exit_code == 2
 
 
 def test_yaml_merge_keys_and_aliases():
@@ -162,11 +223,11 @@ CASES = {
     "top_is_list": ("- version: 1\n- tau: 0.7\n", 1, "(top level)", "expected a mapping"),
     "top_is_scalar": ("just text\n", 1, "(top level)", "expected a mapping"),
     "empty_file": ("# only a comment\n", 1, None, "file is empty"),
-    "missing_top_key": (edit("prefix: Be careful.\n", ""), 1, "(top level)", "missing required key prefix"),
-    "missing_two_keys": (edit("prefix: Be careful.\n", "").replace("tau: 0.75\n", ""), 1, "(top level)",
-                         "missing required keys tau, prefix"),
-    "missing_category_key": (edit("    description: Drugs\n", ""), 13, "categories[1]",
-                             "missing required key description"),
+    "missing_categories": (VALID[: VALID.index("categories:")], 1, "(top level)", "missing required key categories"),
+    "missing_category_key": (edit("    variants:\n      - a photo of pills\n      - a photo of a syringe\n", ""), 13,
+                             "categories[1]", "missing required key variants"),
+    "missing_category_name": (edit("  - name: drugs\n    description: Drugs", "  - description: Drugs"), 13,
+                              "categories[1]", "missing required key name"),
     "unknown_top_key": (edit("tau: 0.75", "tua: 0.75"), 2, "tua", "did you mean 'tau'"),
     "unknown_top_key_far": (VALID + "colour: red\n", 19, "colour", "expected one of: version, tau"),
     "unknown_category_key": (edit("    variants:\n      - a photo of pills", "    varients:\n      - a photo of pills"),
@@ -176,19 +237,18 @@ CASES = {
     "version_type": (edit("version: 1", "version: one"), 1, "version", "expected an integer"),
     "version_float": (edit("version: 1", "version: 1.0"), 1, "version", "expected an integer"),
     "version_unsupported": (edit("version: 1", "version: 2"), 1, "version", "unsupported version 2"),
-    "tau_type": (edit("tau: 0.75", "tau: high"), 2, "tau", "expected a number in (0, 2]"),
-    "tau_bool": (edit("tau: 0.75", "tau: true"), 2, "tau", "expected a number in (0, 2]"),
-    "tau_null": (edit("tau: 0.75", "tau: null"), 2, "tau", "expected a number in (0, 2]"),
-    "tau_zero": (edit("tau: 0.75", "tau: 0"), 2, "tau", "out of range"),
+    "tau_type": (edit("tau: 0.75", "tau: high"), 2, "tau", "expected a number in [0, 2]"),
+    "tau_bool": (edit("tau: 0.75", "tau: true"), 2, "tau", "expected a number in [0, 2]"),
+    "tau_null": (edit("tau: 0.75", "tau: null"), 2, "tau", "expected a number in [0, 2]"),
     "tau_negative": (edit("tau: 0.75", "tau: -0.2"), 2, "tau", "out of range"),
     "tau_too_big": (edit("tau: 0.75", "tau: 2.01"), 2, "tau", "out of range"),
     "tau_inf": (edit("tau: 0.75", "tau: .inf"), 2, "tau", "out of range"),
     "tau_nan": (edit("tau: 0.75", "tau: .nan"), 2, "tau", "out of range"),
     "category_tau_range": (edit("tau: 0.6", "tau: 3"), 15, "categories[1].tau", "out of range"),
-    "category_tau_zero": (edit("tau: 0.6", "tau: 0.0"), 15, "categories[1].tau", "out of range"),
+    "category_tau_negative": (edit("tau: 0.6", "tau: -0.0001"), 15, "categories[1].tau", "out of range"),
     "category_tau_type": (edit("tau: 0.6", "tau: [0.6]"), 15, "categories[1].tau", "expected a single value"),
     "prefix_type": (edit("prefix: Be careful.", "prefix: [a, b]"), 3, "prefix", "expected a single value"),
-    "prefix_blank": (edit("prefix: Be careful.", "prefix: '   '"), 3, "prefix", "non-empty string"),
+    "prefix_null": (edit("prefix: Be careful.", "prefix:"), 3, "prefix", "expected a string, got None"),
     "prefix_number": (edit("prefix: Be careful.", "prefix: 12"), 3, "prefix", "expected a string"),
     "phrases_empty": (edit("refusal_phrases:\n  - I cannot\n  - I'm sorry", "refusal_phrases: []"), 4,
                       "refusal_phrases", "expected a non-empty list of strings"),

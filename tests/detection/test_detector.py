@@ -1,6 +1,8 @@
 """Detector: planted embeddings (exact decisions) and the real tiny CLIP end to end (plumbing)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,27 @@ def test_tau_override_and_per_category_threshold():
     strict = det.with_config(tau=0.3)  # same encoder and text embeddings, new threshold
     rec = strict.detect_patches(_planted_batch(det, {}), [(90, 90)])[0]
     assert rec.verdict == "safe" and rec.threshold == 0.3
+
+
+def test_tau_zero_flags_nothing_even_where_a_cost_rounds_below_zero(monkeypatch):
+    from guardalign.detection import transport
+
+    real = transport.ot_patch_scores
+
+    def rounded_below_zero(*args, **kwargs):  # 1 − cos of a patch equal to its anchor can round to −ε
+        res = real(*args, **kwargs)
+        return dataclasses.replace(res, d=res.d - res.d.min() - 1e-7)
+
+    monkeypatch.setattr(transport, "ot_patch_scores", rounded_below_zero)
+    det, _ = _detector(tau=0)
+    rec = det.detect_patches(_planted_batch(det, {4: "a rifle"}), [(90, 90)])[0]
+    assert rec.score < 0  # the case that a plain d ≤ τ rule would flag
+    assert rec.verdict == "safe" and rec.unsafe_patches == [] and rec.threshold == 0.0
+    assert rec.category == "weapons"  # the nearest category is still reported
+    tiny = det.with_config(tau=1e-9).detect_patches(_planted_batch(det, {4: "a rifle"}), [(90, 90)])[0]
+    assert tiny.unsafe_patches == [4]  # any positive τ applies the rule d ≤ τ as usual
+    zero_cat = Detector(det.encoder, parse_anchors(ANCHORS.replace("tau: 0.5", "tau: 0")), DetectConfig())
+    assert zero_cat.detect_patches(_planted_batch(det, {4: "a rifle"}), [(90, 90)])[0].verdict == "safe"
 
 
 def test_paper_aggregate_is_reported_through_config():

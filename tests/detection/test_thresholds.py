@@ -167,3 +167,23 @@ def test_joint_thresholds_find_the_largest_common_level_within_the_budget():
     assert 1 not in points and taus[1] == 0.42  # column 1 alone already spends the whole budget (0.40, 0.41) ...
     assert alpha == pytest.approx(0.1) and (points[0].tp, points[0].fp) == (1, 0)  # ... so column 0 may spend none
     assert flags_any(scores, taus, "lower")[~labels].mean() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (0, 2), (3, 10), (50, 100), (7, 9), (0, 30), (1, 2000)])
+def test_wilson_interval_matches_scipy(k, n):
+    from scipy.stats import binomtest
+
+    from guardalign.detection.thresholds import wilson_interval
+
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson_interval(k, n)
+    assert lo == pytest.approx(ref.low, abs=1e-12) and hi == pytest.approx(ref.high, abs=1e-12)
+    assert 0 <= lo <= k / n <= hi <= 1
+
+
+def test_wilson_interval_edges():
+    from guardalign.detection.thresholds import wilson_interval
+
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)

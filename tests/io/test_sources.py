@@ -14,7 +14,7 @@ import pytest
 
 from badinputs import EXPECTED, make_bad_inputs, make_good_images, make_parquet_variants
 from guardalign.io import images as imageio
-from guardalign.errors import InputError
+from guardalign.errors import ConfigError, InputError
 from guardalign.io.sources import READERS, Decoded, Item, count_items, decode_stream, iter_items
 
 
@@ -39,7 +39,7 @@ def tree(root: Path) -> Path:
 
 
 def test_readers_registry_has_every_kind():
-    assert set(READERS) == {"folder", "image", "parquet", "list"}
+    assert set(READERS) == {"folder", "image", "parquet", "list", "tar"}
 
 
 def test_folder_is_recursive_sorted_and_filtered_by_extension(tmp_path):
@@ -127,7 +127,7 @@ def test_unlistable_directory_and_fifo_are_item_errors(tmp_path, monkeypatch):
     assert ids(items) == ["pipe.jpg", "locked/", "open/img0.png"]
     assert "cannot list directory (Permission denied)" in items[1].error
     errors = [d.error for d in decode_stream(items)]
-    assert errors[0] == "not a regular file" and errors[2] is None
+    assert errors[0] == "not a regular file (FIFO)" and errors[2] is None
 
 
 def test_parquet_layouts(pqv):
@@ -197,12 +197,17 @@ def test_wrong_column_type_and_missing_column_are_input_errors(pqv):
     assert InputError("x").exit_code == 2
 
 
-def test_bad_schema_inside_a_folder_fails_up_front(tmp_path, pqv):
+def test_bad_schema_inside_a_folder_is_that_files_error_record(tmp_path, pqv):
     d = tmp_path / "mixed"
     make_good_images(d, 2)
     (d / "z.parquet").write_bytes(pqv["no_image"].read_bytes())
-    with pytest.raises(InputError, match="z.parquet: no image column"):
-        iter_items([str(d)])
+    items = list(iter_items([str(d)]))  # the images are still scanned
+    assert ids(items) == ["img0.png", "img1.png", "z.parquet"]
+    assert items[2].error.endswith("z.parquet: no image column found; columns: a (int64), b (double); "
+                                   "pass --image-column COL") and items[2].meta["parquet"] == str(d / "z.parquet")
+    assert count_items([str(d)]) == 3
+    with pytest.raises(InputError, match="z.parquet: no image column"):  # given directly: a usage error
+        iter_items([str(d / "z.parquet")])
 
 
 def test_truncated_parquet_is_one_error_record_and_the_run_goes_on(pqv, tmp_path):
@@ -333,5 +338,5 @@ def test_decode_stream_turns_unexpected_exceptions_into_item_errors(monkeypatch)
     monkeypatch.setattr(imageio, "decode_image", boom)
     (d,) = decode_stream([Item(id="a", source="a", data=b"x")])
     assert isinstance(d, Decoded) and d.image is None and "MemoryError" in d.error
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="expected a positive number"):  # a GuardalignError: exit 2
         next(decode_stream([], prefetch=0))

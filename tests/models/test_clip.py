@@ -75,10 +75,29 @@ def test_checkpoint_under_state_dict_key_loads(tiny_clip_config, tiny_encoder, t
     assert torch.equal(loaded.encode_text(["x"]), tiny_encoder.encode_text(["x"]))
 
 
-def test_pretrained_none_warns_loudly(tiny_clip_config):
-    with pytest.warns(UserWarning, match="RANDOM weights"):
-        enc = load_encoder(str(tiny_clip_config), "none", device="cpu")
+def test_pretrained_none_warns_loudly_in_one_line(tiny_clip_config, capsys, recwarn):
+    enc = load_encoder(str(tiny_clip_config), "none", device="cpu")
     assert enc.name == "tiny-clip.json:none"
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("warning: CLIP model tiny-clip.json runs with RANDOM weights")
+    assert "UserWarning" not in err and "clip.py" not in err  # no Python warning display, no source line
+    assert not [w for w in recwarn if "RANDOM" in str(w.message)]  # and no Python warning to filter
+
+
+def test_pretrained_none_warning_through_the_cli_is_one_stderr_line(tiny_clip_config, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    Image.new("RGB", (20, 12), (10, 20, 30)).save(tmp_path / "a.png")
+    res = CliRunner().invoke(app, ["scan", str(tmp_path / "a.png"), "--clip-model", str(tiny_clip_config),
+                                   "--pretrained", "none", "--device", "cpu", "-q", "--out", str(tmp_path / "s.jsonl")])
+    assert res.exit_code == 0, res.output
+    random_lines = [line for line in res.stderr.splitlines() if "RANDOM" in line]
+    assert len(random_lines) == 1 and random_lines[0].startswith("warning: ")
+    assert "UserWarning" not in res.stderr and "warn(" not in res.stderr
 
 
 def test_offline_default_raises_model_load_error_quickly(monkeypatch, tmp_path):

@@ -81,6 +81,36 @@ def test_unknown_family_and_missing_model(tmp_path):
         load_lvlm("guardalign-test/not-a-model", device="cpu")
 
 
+@pytest.mark.parametrize("value", ["/nonexistent", "./no-model-here", "~/no-model-here", "a/b/c", "models/"])
+def test_path_like_model_that_does_not_exist_says_no_such_directory(value):
+    with pytest.raises(ModelLoadError, match="no such directory") as e:
+        load_lvlm(value, device="cpu")
+    assert "repo_type" not in str(e.value) and "Repo id" not in str(e.value) and e.value.exit_code == 2
+
+
+def test_model_that_is_a_file_and_judge_path(tmp_path):
+    from guardalign.models.judge import load_judge
+
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file, not a directory"):
+        load_lvlm(str(tmp_path / "weights.bin"), device="cpu")
+    with pytest.raises(ModelLoadError, match="--judge /nonexistent: no such directory"):
+        load_judge("/nonexistent", device="cpu")
+
+
+def test_answer_cli_model_nonexistent_exit_2_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    res = CliRunner().invoke(app, ["answer", str(tmp_path / "p.jsonl"), "--model", "/nonexistent", "--out",
+                                   str(tmp_path / "a.jsonl"), "--device", "cpu", "-q"])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: --model /nonexistent: no such directory") and "repo_type" not in res.stderr
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def _plain_generate(model, inputs, n):
     """transformers' own greedy generate, no guardalign code involved."""
     with torch.inference_mode():

@@ -5,6 +5,7 @@ Python objects that were written, independently of the report code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -21,7 +22,8 @@ from typer.testing import CliRunner
 from guardalign.errors import ConfigError, InputError
 from guardalign.reporting.collect import md_cell, report
 from guardalign.reporting.html import svg_histogram
-from guardalign.reporting.stats import Bad, check_answer, check_scan
+from guardalign.reporting.answers import check_answer
+from guardalign.reporting.stats import Bad, check_scan
 
 CATS = ["violence", "nudity", "drugs"]
 TAU = 0.42
@@ -52,6 +54,10 @@ def scan_record(i: int, rng: random.Random, *, image: str, size=(90, 60), method
         "width": size[0], "height": size[1], "method": method, "patches": "grid", "model": "ViT-B-32/openai",
         "anchors_sha256": "ab" * 32, "notes": [],
     }
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def answer_record(i: int, rng: random.Random) -> dict:
@@ -94,6 +100,8 @@ def run_dir(tmp_path, monkeypatch):
     arr = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "noise.png")
     scans = [scan_record(i, rng, image="green.png" if i % 2 else "noise.png") for i in range(60)]
+    for r in scans:  # the hash of the stored bytes, as scan writes it: the report draws only matching bytes
+        r["sha256"] = sha256_of(tmp_path / r["source"])
     scans[3]["id"] = XSS
     scans[3]["category"] = "<script>alert('c')</script>"
     scans[3]["categories"] = {**scans[3]["categories"], scans[3]["category"]: 0.2}
@@ -374,8 +382,8 @@ def test_thumbnails_only_from_allowed_roots_and_parquet(run_dir, tmp_path_factor
                    d / "imgs.parquet")
     rng = random.Random(5)
     recs = [scan_record(i, rng, image=src) for i, src in enumerate([str(outside), "imgs.parquet#1", "imgs.parquet#0"])]
-    for r in recs:
-        r.update(verdict="unsafe", score=0.1, unsafe_patches=[0], box_categories=["violence"])
+    for r, digest in zip(recs, [sha256_of(outside), hashlib.sha256(buf.getvalue()).hexdigest(), hashlib.sha256(b"").hexdigest()]):
+        r.update(verdict="unsafe", score=0.1, unsafe_patches=[0], box_categories=["violence"], sha256=digest)
     (d / "s2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     report(["s2.jsonl"], out="r2.html")
     page = Path("r2.html").read_text()
@@ -389,7 +397,7 @@ def test_ten_thousand_records_stay_bounded(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (90, 60), (120, 60, 30)).save("img.png")
     rng = random.Random(7)
-    base = scan_record(0, rng, image="img.png")
+    base = {**scan_record(0, rng, image="img.png"), "sha256": sha256_of("img.png")}
     with open("big.jsonl", "w") as f:
         for i in range(10_000):
             s = round(rng.uniform(0.3, 0.6), 4)
