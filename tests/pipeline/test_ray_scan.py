@@ -35,7 +35,8 @@ def data(tmp_path_factory):
     (d / "imgs" / "bad.png").write_bytes(b"not an image")
     image_parquet(d / "p.parquet", 5, group=2)
     good_shard(d / "shards" / "a.tar", n=3)
-    write_tar(d / "shards" / "b.tar", [("x.png", image_bytes(7)), ("y.png", image_bytes(8)), ("x.json", b"{}")])
+    write_tar(d / "shards" / "b.tar", [("x.png", image_bytes(7)), ("y.png", image_bytes(8)), ("x.json", b"{}"),
+                                       ("z.tga", image_bytes(9, "TGA", size=(40, 30)))])  # TGA: told by its name
     return d
 
 
@@ -66,6 +67,8 @@ def test_ray_and_local_records_are_identical(runs):
     merged = list(read_records(tmp / "merged.parquet"))
     assert plain(merged, "file://") == plain(local)  # same ids, order, verdicts, scores, errors and settings
     assert any(r["status"] == "error" and "not grouped by key" in r["error"] for r in merged)
+    tga = next(r for r in merged if r["id"].endswith("b.tar#z"))  # no magic bytes (its header reads as CUR)
+    assert (tga["status"], tga["width"], tga["height"]) == ("ok", 40, 30)
     assert sum(r["source"].startswith("file://") for r in merged) == 5  # the URI input was read through pyarrow
     a, b = runs["local"], runs["ray"]
     assert (b.total, b.ok, b.errors, b.unsafe, dict(b.by_category)) == (a.total, a.ok, a.errors, a.unsafe,
