@@ -62,3 +62,26 @@ def test_a_fragment_of_files_streams_in_blocks(tmp_path, options):
     batch = pa.table({"frag": [0], "fragment": [json.dumps(frags[0].to_dict())]})
     sizes = [b.num_rows for b in read_decode(batch, image_column=None, id_column=None, block_rows=2)]
     assert sizes == [2, 2, 2]  # blocks of 2 decoded items; the last one carries the sentinel
+
+
+@pytest.mark.slow
+def test_cpu_actors_take_the_drivers_detector_rather_than_load_their_own(ray_cluster, options):
+    """The driver's copy travels through the object store once; an actor that cannot fetch it loads the model."""
+    import torch
+
+    from guardalign.detection.detector import Detector
+    from guardalign.pipeline.ray_engine import OFFERED, actor_options
+
+    driver = Detector.from_options(**options)
+    with torch.no_grad():
+        driver.encoder.model.visual.proj.mul_(2.0)  # a mark no freshly loaded model has
+    assert OFFERED not in actor_options(options, driver, "cuda")  # a GPU actor loads on its own device
+    offered = actor_options(options, driver, "cpu")
+    built = {k: v for k, v in offered.items() if k != OFFERED}
+    ref = ray_cluster.put(offered[OFFERED].take())
+    assert offered[OFFERED].take() is None  # taken once: the driver keeps no reference
+    mark = driver.encoder.model.visual.proj
+    actor = DetectActor(built, "jsonl", settings=driver.settings(), detector=(ref,))
+    assert torch.equal(actor.stage.detector.encoder.model.visual.proj, mark)
+    fallback = DetectActor(built, "jsonl", settings=driver.settings(), detector=(None,))  # nothing to fetch
+    assert torch.equal(fallback.stage.detector.encoder.model.visual.proj * 2.0, mark)
