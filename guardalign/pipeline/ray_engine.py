@@ -8,7 +8,8 @@ Dataflow (one Ray Data pipeline, streamed, with Ray's backpressure)::
 
 Each read task streams one fragment in blocks of decoded images (RGB pixels plus the DecodeInfo) and ends with a
 sentinel row that carries the fragment's item count. Actors hold one model each (a GPU each when the cluster has
-GPUs) and run exactly the local stage code, so records do not depend on the engine. The driver puts each record
+GPUs; CPU actors take the driver's copy from the object store rather than load their own) and run exactly the local
+stage code, so records do not depend on the engine. The driver puts each record
 at its position in its fragment's shard (:class:`~guardalign.pipeline.shards.ShardWriter`): a block re-run after
 a killed worker only repeats positions already taken, so every id is written once. Ray is imported lazily.
 """
@@ -57,12 +58,35 @@ def import_ray():
     return ray
 
 
+NICENESS = "RAY_worker_niceness"  # Ray's setting (read when a raylet starts) for the OS priority of its workers
+
+
+def init_ray(ray, address: str | None = None, **kwargs) -> None:
+    """``ray.init`` as the engine calls it: no dashboard, worker logs kept off the driver, Ray's logging at WARNING.
+
+    A Ray started here runs its workers at the priority of a local run (nice 0: Ray's default, 15, lets any other job
+    on the machine take the CPU from the model actors, never from a local run); ``$RAY_worker_niceness`` still wins,
+    and a cluster it connects to keeps its own. The environment is restored after the call."""
+    import logging
+
+    saved = os.environ.get(NICENESS)
+    os.environ.setdefault(NICENESS, "0")
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=False, **kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop(NICENESS, None)
+        else:
+            os.environ[NICENESS] = saved
+
+
 @contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
     """Connect to ``cfg.address`` / $RAY_ADDRESS / a cluster started on this machine with ``ray start``, or start a
-    local Ray for the run (Ray's own order; shut down after); a Ray already initialised in this process is used as
-    it is. Ray Data's own progress bars are turned off for the run
-    (guardalign shows its own on stderr) and restored afterwards."""
+    local Ray for the run (Ray's own order; shut down after; :func:`init_ray`); a Ray already initialised in this
+    process is used as it is. Ray Data's own progress bars are turned off for the run (guardalign shows its own on
+    stderr) and restored afterwards."""
     import logging
 
     ray = import_ray()
@@ -70,8 +94,7 @@ def ray_session(cfg: RayConfig) -> Iterator[Any]:
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS") or None
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                     configure_logging=False)
+            init_ray(ray, address)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"cannot connect to the Ray cluster at {address or 'a new local Ray'} ({exc})") from None
         started = True

@@ -85,3 +85,23 @@ def test_cpu_actors_take_the_drivers_detector_rather_than_load_their_own(ray_clu
     assert torch.equal(actor.stage.detector.encoder.model.visual.proj, mark)
     fallback = DetectActor(built, "jsonl", settings=driver.settings(), detector=(None,))  # nothing to fetch
     assert torch.equal(fallback.stage.detector.encoder.model.visual.proj * 2.0, mark)
+
+
+def test_a_ray_started_for_the_run_runs_its_workers_at_a_local_runs_priority(monkeypatch):
+    """Ray's default worker niceness (15) would let any other job take the CPU from the actors, not from a local run."""
+    import os
+
+    from guardalign.pipeline.ray_engine import NICENESS, init_ray
+
+    seen = []
+
+    class FakeRay:
+        def init(self, **kwargs):
+            seen.append((os.environ.get(NICENESS), kwargs["address"], kwargs["include_dashboard"], kwargs["num_cpus"]))
+
+    monkeypatch.delenv(NICENESS, raising=False)
+    init_ray(FakeRay(), None, num_cpus=2)
+    assert seen[-1] == ("0", None, False, 2) and NICENESS not in os.environ  # set for the raylet's start only
+    monkeypatch.setenv(NICENESS, "7")  # the user's own setting wins, and stays
+    init_ray(FakeRay(), "head:6379", num_cpus=1)
+    assert seen[-1] == ("7", "head:6379", False, 1) and os.environ[NICENESS] == "7"
