@@ -4,8 +4,9 @@ Two ways to get patch embeddings (DESIGN §1.1 "Patches", §4 "Dense CLIP featur
 
 - ``grid_patches``: crop r×c windows of the original image (optionally overlapping, several scales),
   squash-resize each crop to the model's input size and encode all crops of all images in one batch.
-- ``dense_patches``: one forward pass; the last block's patch tokens go through the MaskCLIP value
-  path ``out_proj(v)`` (no residual, no FFN), then ``ln_post`` and ``proj``.
+- ``dense_patches``: one forward pass; the last block's patch tokens go through a dense path (MaskCLIP value
+  path ``out_proj(v)``, ClearCLIP q–q attention or SCLIP correlative attention), then ``ln_post`` and ``proj``;
+- ``crop_patches``: encode given pixel boxes of each image (the refinement stage of search mode).
 
 Both return pixel boxes in the original image (window geometry and the dense value path live in
 :mod:`guardalign.models.patches`). Heavy imports: torch at module level (this module is only imported lazily
@@ -30,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from guardalign.errors import ConfigError, ModelLoadError
-from guardalign.models.patches import _value_path, dense_forward, dense_visual, grid_boxes, n_windows  # noqa: F401
+from guardalign.models.patches import (  # noqa: F401
+    DENSE_PATHS, _value_path, dense_forward, dense_visual, grid_boxes, n_windows,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _HOWTO = (
@@ -343,22 +346,35 @@ class ClipEncoder:
         emb = self._encode_arrays(arrays).view(len(boxes), per_image, self._dim())
         return PatchBatch(emb[:, 0], emb[:, 1:], boxes, (n_side, n_side))
 
+    def crop_patches(self, images: Sequence, boxes: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, K, D) normalised embeddings of the crops ``boxes[b]`` (K, 4) of each image (K equal for all)."""
+        counts = {len(b) for b in boxes}
+        if len(counts) > 1:
+            raise ValueError(f"every image needs the same number of boxes, got {sorted(counts)}")
+        k = counts.pop() if counts else 0
+        arrays = [self._resize(_rgb(image), box=tuple(int(v) for v in b))
+                  for image, bxs in zip(images, boxes) for b in bxs]
+        return self._encode_arrays(arrays).view(len(boxes), k, self._dim())
+
     def _dense_visual(self):
         """The ViT image tower, or ConfigError when dense patches cannot be computed for it."""
         return dense_visual(self.model.visual, self.name)
 
-    def _dense_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) → global (B, D) and value-path patch embeddings (B, gh·gw, D), normalised."""
-        return dense_forward(self._dense_visual(), pixels, self.device, self.dtype)
+    def _dense_forward(self, pixels: torch.Tensor, path: str = "maskclip") -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) → global (B, D) and dense patch embeddings (B, gh·gw, D) of ``path``, normalised."""
+        return dense_forward(self._dense_visual(), pixels, self.device, self.dtype, path)
 
-    def dense_patches(self, images: Sequence) -> PatchBatch:
-        """One forward per image batch: MaskCLIP value-path tokens as patches, CLS path as global view.
+    def dense_patches(self, images: Sequence, path: str = "maskclip") -> PatchBatch:
+        """One forward per image batch: dense tokens of ``path`` (one of DENSE_PATHS) as patches, the tower's
+        pooled output as global view.
 
         Returns
         -------
         PatchBatch with ``patch_emb`` (B, gh·gw, D) in row-major token order, ``grid`` = (gh, gw)
         and boxes mapping token (r, c) to rows ``r·H/gh .. (r+1)·H/gh`` of the original image.
         """
+        if path not in DENSE_PATHS:
+            raise ConfigError(f"invalid dense path {path!r}: expected one of {DENSE_PATHS}")
         visual = self._dense_visual()
         gh, gw = visual.grid_size
         arrays, boxes = [], []
@@ -368,7 +384,7 @@ class ClipEncoder:
             boxes.append(grid_boxes(image.width, image.height, gh, gw))
         glob, toks = [], []
         for i in range(0, len(arrays), self.max_batch):
-            g, t = self._dense_forward(self._to_pixels(arrays[i:i + self.max_batch]))
+            g, t = self._dense_forward(self._to_pixels(arrays[i:i + self.max_batch]), path)
             glob.append(g)
             toks.append(t)
         if not glob:

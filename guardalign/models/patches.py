@@ -1,9 +1,15 @@
-"""Patch geometry and the dense value path of :class:`guardalign.models.clip.ClipEncoder` (DESIGN §1.1 "Patches",
+"""Patch geometry and the dense token paths of :class:`guardalign.models.clip.ClipEncoder` (DESIGN §1.1 "Patches",
 §4 "Dense CLIP features"), split out of :mod:`guardalign.models.clip`.
 
 - grid mode: :func:`grid_boxes` / :func:`n_windows` give the pixel windows that are cropped and encoded;
-- dense mode: :func:`dense_forward` runs the ViT once and takes the last block's patch tokens through the
-  MaskCLIP value path ``out_proj(v)`` (:func:`_value_path`), then ``ln_post`` and ``proj``.
+- search mode: :func:`refine_boxes` gives the smaller windows that re-cut a suspicious coarse window;
+- dense mode: :func:`dense_forward` runs the ViT once and takes the last block's patch tokens through one of
+  :data:`DENSE_PATHS` (:func:`dense_tokens`), then ``ln_post`` and ``proj``:
+
+  * ``maskclip``: the value path ``out_proj(v)``; no residual, no FFN (:func:`_value_path`);
+  * ``clearclip``: attention with ``softmax(q qᵀ/√d)`` (query–query), no residual, no FFN;
+  * ``sclip``: correlative self-attention ``softmax(q qᵀ/√d) + softmax(k kᵀ/√d)`` in place of the block's
+    attention; the residual and the FFN are kept (as SCLIP's last block does).
 
 Heavy imports: torch at module level, like :mod:`guardalign.models.clip` (only imported lazily by the CLI);
 open_clip inside functions.
@@ -17,14 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from guardalign.config import n_windows  # noqa: F401  (re-exported: window counts live with the config)
 from guardalign.errors import ConfigError
 
-
-def n_windows(grid: int, stride: float = 1.0) -> int:
-    """Windows per side of a grid: ``grid`` at stride 1, else ``ceil((grid − 1)/stride) + 1``."""
-    if stride >= 1:
-        return int(grid)
-    return math.ceil(Fraction(int(grid) - 1) / Fraction(stride).limit_denominator(10**6)) + 1
+DENSE_PATHS = ("maskclip", "clearclip", "sclip")
 
 
 def _windows(n_px: int, grid: int, stride: float = 1.0) -> list[tuple[int, int]]:
@@ -66,12 +68,15 @@ def dense_visual(visual, name: str):
     return visual
 
 
-def dense_forward(visual, pixels: torch.Tensor, device: torch.device,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 3, S, S) → global (B, D) and value-path patch embeddings (B, gh·gw, D), normalised.
+def dense_forward(visual, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                  path: str = "maskclip") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, S, S) → global (B, D) and dense patch embeddings (B, gh·gw, D), normalised.
 
-    ``visual`` is a tower accepted by :func:`dense_visual`; ``pixels`` are moved to ``device``/``dtype``.
+    ``visual`` is a tower accepted by :func:`dense_visual`; ``pixels`` are moved to ``device``/``dtype``;
+    ``path`` is one of :data:`DENSE_PATHS`. The global embedding is the tower's own output.
     """
+    if path not in DENSE_PATHS:
+        raise ConfigError(f"invalid dense path {path!r}: expected one of {DENSE_PATHS}")
     batch_first = getattr(visual.transformer, "batch_first", True)
     with torch.inference_mode():
         x = visual._embeds(pixels.to(device, dtype))
@@ -79,10 +84,10 @@ def dense_forward(visual, pixels: torch.Tensor, device: torch.device,
         *blocks, last = visual.transformer.resblocks
         for blk in blocks:
             x = blk(x)
-        values = _value_path(last, last.ln_1(x))
+        values = dense_tokens(last, x if batch_first else x.transpose(0, 1), path)  # (B, L, W)
         x = last(x)
         if not batch_first:
-            x, values = x.transpose(0, 1), values.transpose(0, 1)
+            x = x.transpose(0, 1)
         pooled, _ = visual._pool(x)
         tokens = visual.ln_post(values[:, 1:])
         if visual.proj is not None:
@@ -110,3 +115,71 @@ def _value_path(block: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
     out = getattr(block, "ln_attn", torch.nn.Identity())(out)
     return getattr(block, "ls_1", torch.nn.Identity())(out)
 
+
+
+def dense_tokens(block: torch.nn.Module, x: torch.Tensor, path: str = "maskclip") -> torch.Tensor:
+    """Dense tokens of the last block: (B, L, W) input of the block → (B, L, W), before ``ln_post``.
+
+    ``maskclip``: ``out_proj(v)``; ``clearclip``: ``out_proj(softmax(q qᵀ·s) v)``; neither keeps the residual or
+    the FFN. ``sclip``: the whole block with its attention weights replaced by ``softmax(q qᵀ·s) + softmax(k kᵀ·s)``.
+    s is the block's attention scale (1/√head_dim; scaled-cosine attention uses its own logit scale).
+    """
+    y = block.ln_1(x)
+    if path == "maskclip":
+        return _value_path(block, y)
+    q, k, v = _heads(block.attn, y)
+    weights = _self_softmax(block.attn, q)
+    if path == "sclip":
+        weights = weights + _self_softmax(block.attn, k)
+    out = getattr(block, "ls_1", torch.nn.Identity())(getattr(block, "ln_attn", torch.nn.Identity())(
+        _attend(block.attn, weights, v)))
+    if path == "clearclip":
+        return out
+    h = x + out
+    return h + getattr(block, "ls_2", torch.nn.Identity())(block.mlp(block.ln_2(h)))
+
+
+def _heads(attn, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, W) normalised tokens → q, k, v of shape (B, H, L, W/H) (with the block's q/k norms)."""
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return getattr(attn, "ln_q", torch.nn.Identity())(q), getattr(attn, "ln_k", torch.nn.Identity())(k), v
+
+
+def _self_softmax(attn, a: torch.Tensor) -> torch.Tensor:
+    """softmax over keys of the self-similarity a·aᵀ (B, H, L, L) at the attention's scale."""
+    scale = getattr(attn, "logit_scale", None)
+    if scale is not None:  # open_clip scaled-cosine attention
+        a = F.normalize(a, dim=-1)
+        logits = a @ a.transpose(-1, -2) * torch.clamp(scale, max=attn.logit_scale_max).exp()
+    else:
+        logits = a @ a.transpose(-1, -2) * a.shape[-1] ** -0.5
+    return logits.softmax(dim=-1)
+
+
+def _attend(attn, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, L) weights and (B, H, L, W/H) values → (B, L, W) through head scale, inner norm and out_proj."""
+    x = weights @ v
+    head_scale = getattr(attn, "head_scale", None)
+    if head_scale is not None:
+        x = x * head_scale
+    x = getattr(attn, "ln_inner", torch.nn.Identity())(x.transpose(1, 2).flatten(-2))
+    return attn.out_proj(x)
+
+
+def refine_boxes(box, width: int, height: int, grid: int = 2, stride: float = 0.5) -> np.ndarray:
+    """Windows ``(K, 4)`` that re-cut a suspicious ``box`` (x0, y0, x1, y1): a grid×grid window grid of it.
+
+    Each window is 1/grid of the box per side; stride < 1 overlaps them (2, 0.5 → 3×3 = 9 half-size windows).
+    Boxes are clipped to the ``width``×``height`` image and keep ≥ 1 px per side.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    sub = grid_boxes(max(x1 - x0, 1), max(y1 - y0, 1), grid, stride=stride)
+    sub = sub + np.array([x0, y0, x0, y0], dtype=np.int64)
+    sub[:, 0::2] = np.clip(sub[:, 0::2], 0, width)
+    sub[:, 1::2] = np.clip(sub[:, 1::2], 0, height)
+    sub[:, 2] = np.maximum(sub[:, 2], np.minimum(sub[:, 0] + 1, width))
+    sub[:, 0] = np.minimum(sub[:, 0], sub[:, 2] - 1)
+    sub[:, 3] = np.maximum(sub[:, 3], np.minimum(sub[:, 1] + 1, height))
+    sub[:, 1] = np.minimum(sub[:, 1], sub[:, 3] - 1)
+    return sub
