@@ -6,8 +6,8 @@ from typing import List, Optional
 import typer
 
 from cli._common import (  # shared option declarations
-    ANCHORS, BATCH_SIZE, CLIP_MODEL, DEVICE, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, STRIDE, THETA, WORKERS,
-    call, stdin_if_dash,
+    ANCHORS, BATCH_SIZE, BUDGET, CLIP_MODEL, DENSE_PATH, DEVICE, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, SCALES, STRIDE, THETA,
+    WORKERS, call, parse_scales, stdin_if_dash,
 )
 
 HELP = """Score images for unsafe content and write one record per image.
@@ -37,6 +37,9 @@ def scan_command(
     patches: str = PATCHES,
     grid: int = GRID,
     stride: float = STRIDE,
+    scales: str = SCALES,
+    budget: int = BUDGET,
+    dense_path: str = DENSE_PATH,
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (a cost 1−cos; unsafe when d ≤ τ)."),
     theta: float = THETA,
     out: str = typer.Option("-", "--out", "-o", help="Output file, or '-' for stdout (JSONL)."),
@@ -56,7 +59,8 @@ def scan_command(
     summary = call(
         scan,
         inputs=inputs, anchors=anchors, clip_model=clip_model, pretrained=pretrained, method=method,
-        patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, out=out, format=format,
+        patches=patches, grid=grid, stride=stride, scales=parse_scales(scales), budget=budget,
+        dense_path=dense_path, tau=tau, theta=theta, out=out, format=format,
         image_column=image_column, id_column=id_column, batch_size=batch_size, device=device,
         workers=workers, resume=resume, fail_on_unsafe=fail_on_unsafe, max_unsafe_rate=max_unsafe_rate,
         stdin=stdin_if_dash(inputs), progress=not quiet,

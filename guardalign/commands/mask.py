@@ -60,6 +60,9 @@ def mask(
     patches: str = DetectConfig.patches,
     grid: int = DetectConfig.grid,
     stride: float = DetectConfig.stride,
+    scales: tuple[int, ...] = DetectConfig.scales,
+    budget: int = DetectConfig.budget,
+    dense_path: str = DetectConfig.dense_path,
     tau: float | None = None,
     theta: float = DetectConfig.theta,
     eps: float = DetectConfig.eps,
@@ -92,7 +95,7 @@ def mask(
                           "(rescan with --tau)")
     root = _check_out_dir(inputs, out_dir, force)
     cfg = DetectConfig(method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps,
-                       batch_size=batch_size).validate()
+                       batch_size=batch_size, scales=tuple(scales), budget=budget, dense_path=dense_path).validate()
     items = iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin)
     if detector is None:
         from dataclasses import asdict

@@ -70,6 +70,9 @@ def scan(
     patches: str = DetectConfig.patches,
     grid: int = DetectConfig.grid,
     stride: float = DetectConfig.stride,
+    scales: tuple[int, ...] = DetectConfig.scales,
+    budget: int = DetectConfig.budget,
+    dense_path: str = DetectConfig.dense_path,
     tau: float | None = None,
     theta: float = DetectConfig.theta,
     eps: float = DetectConfig.eps,
@@ -99,7 +102,8 @@ def scan(
 
     _check_output(format, out, max_unsafe_rate)
     cfg = DetectConfig(
-        method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps, batch_size=batch_size
+        method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps, batch_size=batch_size,
+        scales=tuple(scales), budget=budget, dense_path=dense_path,
     ).validate()
     # iter_items validates every input and Parquet schema now, before anything is written.
     items = iter_items(list(inputs), image_column=image_column, id_column=id_column, stdin=stdin)

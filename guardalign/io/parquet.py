@@ -22,6 +22,7 @@ SCAN_FIELDS: tuple[tuple[str, str], ...] = (
     ("width", "int32"), ("height", "int32"), ("method", "string"), ("patches", "string"),
     ("model", "string"), ("anchors_sha256", "string"), ("threshold", "double"),
     ("box_categories", "list<string>"), ("notes", "list<string>"), ("elapsed_s", "double"), ("sha256", "string"),
+    ("encodes", "int32"),
 )
 EXTRA_FIELD = "extra"  # JSON object string holding every record key not in SCAN_FIELDS
 _JOURNAL_SUFFIX = ".partial.jsonl"
