@@ -55,8 +55,7 @@ class DetectConfig:
     stride: float = 1.0  # grid and search modes: window stride as a fraction of the window; < 1 overlaps windows
     scales: tuple[int, ...] = ()  # grid and search modes: extra grid sizes to add (multi-scale), e.g. (2, 4)
     budget: int = 28  # search mode: most image-tower forwards per image (whole image + coarse + refined windows)
-    refine_grid: int = 2  # search mode: a refined window is re-cut into windows 1/refine_grid of its side
-    refine_stride: float = 0.5  # search mode: stride of those windows (2 and 0.5 give 3×3 = 9 windows)
+    refine_scale: float = 0.5  # search mode: a refined window is re-cut into 3×3 windows this fraction of its side, at stride 0.5
     dense_path: str = "maskclip"  # dense mode: "maskclip" (value path), "clearclip" (q–q attention) or "sclip" (correlative)
     tau: float | None = None  # override every category's τ (None: take τ from the anchors YAML)
     theta: float = 0.16  # global method: unsafe when cos(image, category mean) ≥ θ (ETA's value)
@@ -79,8 +78,7 @@ class DetectConfig:
             ("stride", 0 < self.stride <= 1, "a fraction in (0, 1]"),
             ("scales", all(isinstance(s, int) and 1 <= s <= 32 for s in self.scales), "integers in [1, 32]"),
             ("budget", isinstance(self.budget, int) and self.budget >= 1, "a positive integer"),
-            ("refine_grid", isinstance(self.refine_grid, int) and 1 <= self.refine_grid <= 8, "an integer in [1, 8]"),
-            ("refine_stride", 0 < self.refine_stride <= 1, "a fraction in (0, 1]"),
+            ("refine_scale", 0 < self.refine_scale <= 1, "a fraction in (0, 1]"),
             ("dense_path", self.dense_path in DENSE_PATHS, f"one of {DENSE_PATHS}"),
             ("tau", self.tau is None or 0 < self.tau <= 2, "a number in (0, 2] (a cost 1 − cos)"),
             ("theta", -1 <= self.theta <= 1, "a cosine in [-1, 1]"),
@@ -104,7 +102,7 @@ class DetectConfig:
 
     def search_plan(self) -> tuple[int, int]:
         """Search mode: (coarse windows refined, windows cut from each) that fit in ``budget`` encodes."""
-        per = n_windows(self.refine_grid, self.refine_stride) ** 2
+        per = 9  # windows cut from each refined window (guardalign.models.patches.refine_boxes)
         coarse = self.coarse_windows()
         return max(0, min(coarse, (self.budget - 1 - coarse) // per)), per
 

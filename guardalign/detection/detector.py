@@ -164,8 +164,8 @@ class Detector:
             return coarse
         margin = self._margins(coarse.patch_emb)  # (B, M)
         order = margin.argsort(dim=1, stable=True)[:, :top].cpu().tolist()
-        boxes = [np.concatenate([refine_boxes(coarse.boxes[b][m], im.width, im.height, self.config.refine_grid,
-                                              self.config.refine_stride) for m in order[b]])
+        boxes = [np.concatenate([refine_boxes(coarse.boxes[b][m], im.width, im.height, self.config.refine_scale)
+                                 for m in order[b]])
                  for b, im in enumerate(images)]
         fine = self.encoder.crop_patches(images, boxes).to(coarse.patch_emb.device)
         return PatchBatch(coarse.global_emb, torch.cat([coarse.patch_emb, fine], dim=1),

@@ -167,19 +167,26 @@ def _attend(attn, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(x)
 
 
-def refine_boxes(box, width: int, height: int, grid: int = 2, stride: float = 0.5) -> np.ndarray:
-    """Windows ``(K, 4)`` that re-cut a suspicious ``box`` (x0, y0, x1, y1): a grid×grid window grid of it.
+def _refine_axis(a: int, b: int, n_px: int, scale: float) -> list[tuple[int, int]]:
+    """Three 1-D windows of side ``scale·(b − a)`` at stride 0.5, spanning ``2·scale·(b − a)`` centred on [a, b)."""
+    side = max(scale * (b - a), 1.0)
+    start = min(max((a + b) / 2 - side, 0.0), max(n_px - 2 * side, 0.0))  # keep the region inside the image
+    out = []
+    for k in range(3):
+        lo = math.floor(start + k * side / 2 + 0.5)
+        hi = min(max(math.floor(start + k * side / 2 + side + 0.5), lo + 1), n_px)
+        out.append((min(lo, hi - 1), hi))
+    return out
 
-    Each window is 1/grid of the box per side; stride < 1 overlaps them (2, 0.5 → 3×3 = 9 half-size windows).
-    Boxes are clipped to the ``width``×``height`` image and keep ≥ 1 px per side.
+
+def refine_boxes(box, width: int, height: int, scale: float = 0.5) -> np.ndarray:
+    """The 9 windows ``(9, 4)`` that re-cut a suspicious ``box`` (x0, y0, x1, y1) in search mode.
+
+    A 3×3 grid of windows ``scale`` times the box's side, at stride 0.5, spanning a region of ``2·scale`` times the
+    box centred on it: scale 0.5 re-cuts the box itself into half-size windows; 0.75 also reaches a quarter of the
+    box beyond each edge (an object the box cut in two); 1 gives the box and its 8 half-shifted neighbours.
+    The region is moved inside the ``width``×``height`` image; every window keeps ≥ 1 px per side.
     """
     x0, y0, x1, y1 = (int(v) for v in box)
-    sub = grid_boxes(max(x1 - x0, 1), max(y1 - y0, 1), grid, stride=stride)
-    sub = sub + np.array([x0, y0, x0, y0], dtype=np.int64)
-    sub[:, 0::2] = np.clip(sub[:, 0::2], 0, width)
-    sub[:, 1::2] = np.clip(sub[:, 1::2], 0, height)
-    sub[:, 2] = np.maximum(sub[:, 2], np.minimum(sub[:, 0] + 1, width))
-    sub[:, 0] = np.minimum(sub[:, 0], sub[:, 2] - 1)
-    sub[:, 3] = np.maximum(sub[:, 3], np.minimum(sub[:, 1] + 1, height))
-    sub[:, 1] = np.minimum(sub[:, 1], sub[:, 3] - 1)
-    return sub
+    xs, ys = _refine_axis(x0, x1, width, scale), _refine_axis(y0, y1, height, scale)
+    return np.array([(a, c, b, d) for c, d in ys for a, b in xs], dtype=np.int64).reshape(-1, 4)

@@ -40,27 +40,42 @@ def _cover(boxes, width, height) -> np.ndarray:
 
 
 # ---- geometry ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("box", [(0, 0, 85, 85), (85, 171, 171, 256), (10, 7, 139, 100), (3, 3, 5, 4)])
-def test_refine_boxes_cover_their_parent_exactly(box):
+@pytest.mark.parametrize("box", [(0, 0, 85, 85), (85, 171, 171, 256), (10, 7, 139, 100), (40, 60, 49, 69)])
+def test_refine_boxes_at_half_scale_cover_their_parent_exactly(box):
     sub = refine_boxes(box, 256, 256)
     assert sub.shape == (9, 4) and sub.dtype == np.int64
     x0, y0, x1, y1 = box
     assert (sub[:, 0] >= x0).all() and (sub[:, 1] >= y0).all() and (sub[:, 2] <= x1).all() and (sub[:, 3] <= y1).all()
-    assert (sub[:, 2] > sub[:, 0]).all() and (sub[:, 3] > sub[:, 1]).all()
     cover = _cover(sub, 256, 256)
     assert (cover[y0:y1, x0:x1] >= 1).all()  # every pixel of the parent is seen
     assert cover.sum() == cover[y0:y1, x0:x1].sum()  # and nothing outside it
-    if x1 - x0 >= 8:  # half-size windows at stride 0.5: starts a quarter of the parent apart
-        w = (x1 - x0) / 2
-        assert np.allclose(sub[:3, 2] - sub[:3, 0], w, atol=1)
-        assert np.allclose(np.diff(sub[:3, 0]), w / 2, atol=1)
+    w = (x1 - x0) / 2  # half-size windows at stride 0.5: starts a quarter of the parent apart
+    assert np.allclose(sub[:3, 2] - sub[:3, 0], w, atol=1)
+    assert np.allclose(np.diff(sub[:3, 0]), w / 2, atol=1)
 
 
-def test_refine_boxes_clip_to_the_image_and_are_deterministic():
-    a = refine_boxes((200, 200, 300, 300), 256, 240, grid=3, stride=1.0)
-    assert a.shape == (9, 4) and (a[:, 2] <= 256).all() and (a[:, 3] <= 240).all()
-    assert (a[:, 2] > a[:, 0]).all() and (a[:, 3] > a[:, 1]).all()
-    assert np.array_equal(a, refine_boxes((200, 200, 300, 300), 256, 240, grid=3, stride=1.0))
+@pytest.mark.parametrize("scale", [0.5, 0.75, 1.0])
+def test_refine_boxes_span_twice_their_scale_around_the_parent(scale):
+    box = (90, 80, 150, 140)  # 60 px, centred on (120, 110)
+    sub = refine_boxes(box, 256, 256, scale)
+    side, region = 60 * scale, 2 * 60 * scale
+    assert np.allclose(sub[:, 2] - sub[:, 0], side, atol=1) and np.allclose(sub[:, 3] - sub[:, 1], side, atol=1)
+    cover = _cover(sub, 256, 256)
+    ys, xs = np.nonzero(cover)
+    assert abs(xs.min() - (120 - region / 2)) <= 1 and abs(xs.max() + 1 - (120 + region / 2)) <= 1
+    assert abs(ys.min() - (110 - region / 2)) <= 1 and abs(ys.max() + 1 - (110 + region / 2)) <= 1
+    assert (cover[ys.min():ys.max() + 1, xs.min():xs.max() + 1] >= 1).all()  # no holes in the region
+
+
+@pytest.mark.parametrize("box,size", [((200, 200, 256, 240), (256, 240)), ((0, 0, 30, 30), (256, 256)),
+                                      ((3, 3, 5, 4), (8, 8)), ((0, 0, 256, 256), (256, 256))])
+def test_refine_boxes_stay_in_the_image_and_are_deterministic(box, size):
+    for scale in (0.5, 0.75, 1.0):
+        a = refine_boxes(box, *size, scale)
+        assert a.shape == (9, 4) and (a[:, :2] >= 0).all()
+        assert (a[:, 2] <= size[0]).all() and (a[:, 3] <= size[1]).all()
+        assert (a[:, 2] > a[:, 0]).all() and (a[:, 3] > a[:, 1]).all()
+        assert np.array_equal(a, refine_boxes(box, *size, scale))
 
 
 @pytest.mark.parametrize("grid,stride,scales", [(3, 1.0, ()), (2, 0.5, ()), (3, 0.5, (2,)), (4, 1.0, (2, 1))])
