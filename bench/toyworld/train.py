@@ -83,9 +83,9 @@ class TrainSettings:
 class SceneSettings(TrainSettings):
     """Scene world (issue 13): views of cluttered scenes labelled with their salient object or "clutter"."""
 
-    views: int = 8000  # training views (squash-resized to image_size, like a product crop)
+    views: int = 10000  # training views (squash-resized to image_size, like a product crop)
     views_per_scene: int = 12  # views cut from each generated scene
-    steps: int = 1200  # optimiser steps
+    steps: int = 2400  # optimiser steps
     batch_size: int = 64  # images per step
     per_concept: int = 0  # unused (tile-world setting)
 
