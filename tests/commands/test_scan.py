@@ -55,9 +55,10 @@ def test_folder_to_jsonl_records(tmp_path, model_args):
 
 
 @pytest.mark.parametrize("flags,encodes,n_patches", [
-    (["--patches", "grid", "--scales", "2"], 14, 13),
+    (["--patches", "grid", "--grid", "3", "--scales", "2"], 14, 13),
     (["--patches", "grid", "--grid", "2", "--stride", "0.5"], 10, 9),
-    (["--patches", "search", "--budget", "19"], 19, 18),
+    (["--patches", "search", "--grid", "3", "--budget", "19"], 19, 18),
+    ([], 26, 25),  # the default: search, grid 4, budget 26
     (["--patches", "search", "--grid", "2", "--stride", "0.5", "--budget", "30"], 28, 27),
     (["--patches", "dense", "--dense-path", "sclip"], 1, 16),
 ])
@@ -67,7 +68,8 @@ def test_layout_flags_reach_the_records(tmp_path, model_args, flags, encodes, n_
     res = run([str(tmp_path / "imgs"), "--out", str(out), *model_args, *flags])
     assert res.exit_code == 0, res.output
     for r in lines(out):
-        assert r["patches"] == flags[1] and r["encodes"] == encodes and len(r["patch_boxes"]) == n_patches
+        assert r["patches"] == (flags[1] if flags else "search") and r["encodes"] == encodes
+        assert len(r["patch_boxes"]) == n_patches
 
 
 @pytest.mark.parametrize("flags,needle", [(["--scales", "2,x"], "--scales"), (["--patches", "search", "--budget", "5"], "budget"),

@@ -100,9 +100,10 @@ def test_search_plan_respects_the_budget(grid, stride, budget):
 
 
 def test_encodes_of_the_fixed_layouts():
-    assert DetectConfig(patches="grid").encodes() == 10
-    assert DetectConfig(patches="grid", stride=0.5).encodes() == 26
-    assert DetectConfig(patches="grid", scales=(2,)).encodes() == 14
+    assert DetectConfig(patches="grid", grid=3).encodes() == 10
+    assert DetectConfig(patches="grid", grid=3, stride=0.5).encodes() == 26
+    assert DetectConfig(patches="grid", grid=3, scales=(2,)).encodes() == 14
+    assert DetectConfig(patches="grid", grid=4).encodes() == 17
     assert DetectConfig(patches="dense").encodes() == 1
     assert DetectConfig(method="global", patches="search").encodes() == 1
 
@@ -118,7 +119,7 @@ def test_budget_below_the_coarse_layout_is_a_config_error():
 # ---- search end to end ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def detector(tiny_encoder):
-    return Detector(tiny_encoder, parse_anchors(ANCHORS), DetectConfig(patches="search", budget=28))
+    return Detector(tiny_encoder, parse_anchors(ANCHORS), DetectConfig(patches="search", grid=3, budget=28))
 
 
 def test_search_records_report_encodes_within_budget(detector):
@@ -160,7 +161,7 @@ def test_search_is_deterministic_and_batch_independent(detector):
 def test_budget_without_room_to_refine_equals_grid(tiny_encoder):
     anchors = parse_anchors(ANCHORS)
     images = [_noise(100, 100, 7)]
-    grid = Detector(tiny_encoder, anchors, DetectConfig(patches="grid")).detect(images)[0]
-    search = Detector(tiny_encoder, anchors, DetectConfig(patches="search", budget=18)).detect(images)[0]
+    grid = Detector(tiny_encoder, anchors, DetectConfig(patches="grid", grid=3)).detect(images)[0]
+    search = Detector(tiny_encoder, anchors, DetectConfig(patches="search", grid=3, budget=18)).detect(images)[0]
     assert search.encodes == grid.encodes == 10
     assert search.patch_boxes == grid.patch_boxes and np.allclose(search.patch_scores, grid.patch_scores)
