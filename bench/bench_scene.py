@@ -24,21 +24,23 @@ SET_NAMES = {"grid": "object fills one 3×3 cell", "anywhere": "object anywhere,
              "mixed": "object anywhere, 24–128 px"}
 TARGET_FPR = 0.05
 # name → DetectConfig changes (method ot). Order = table order.
+_G = dict(stride=1.0, scales=(), refine_scale=0.5)  # every layout spells out its fields (independent of defaults)
 LAYOUTS = {
-    "grid 3 (issue-7 default)": dict(patches="grid"),
-    "grid 3 stride 0.5": dict(patches="grid", stride=0.5),
-    "grid 2 stride 0.5": dict(patches="grid", grid=2, stride=0.5),
-    "grid 3 + 2 (multi-scale)": dict(patches="grid", scales=(2,)),
-    "grid 4": dict(patches="grid", grid=4),
-    "grid 3 stride 0.5 + 2": dict(patches="grid", stride=0.5, scales=(2,)),
-    "search grid 3 → top 1, budget 19": dict(patches="search", budget=19),
-    "search grid 3 → top 2, budget 28": dict(patches="search", budget=28),
-    "search grid 2 s0.5 → top 1, budget 19": dict(patches="search", grid=2, stride=0.5, budget=19),
-    "search grid 2 s0.5 → top 2, budget 28": dict(patches="search", grid=2, stride=0.5, budget=28),
-    "search grid 3 + 2 → top 1, budget 23": dict(patches="search", scales=(2,), budget=23),
-    "dense maskclip": dict(patches="dense", dense_path="maskclip"),
-    "dense clearclip": dict(patches="dense", dense_path="clearclip"),
-    "dense sclip": dict(patches="dense", dense_path="sclip"),
+    "grid 3 (issue-7 default)": dict(_G, patches="grid", grid=3),
+    "grid 3 stride 0.5": dict(_G, patches="grid", grid=3, stride=0.5),
+    "grid 2 stride 0.5": dict(_G, patches="grid", grid=2, stride=0.5),
+    "grid 3 + 2 (multi-scale)": dict(_G, patches="grid", grid=3, scales=(2,)),
+    "grid 4": dict(_G, patches="grid", grid=4),
+    "grid 4 + 2 (multi-scale)": dict(_G, patches="grid", grid=4, scales=(2,)),
+    "search grid 3 → top 2 (½-size), budget 28": dict(_G, patches="search", grid=3, budget=28),
+    "search grid 3 → top 2 (¾-size), budget 28": dict(_G, patches="search", grid=3, budget=28, refine_scale=0.75),
+    "search grid 2 s0.5 → top 2, budget 28": dict(_G, patches="search", grid=2, stride=0.5, budget=28),
+    "search grid 3 + 2 → top 1, budget 23": dict(_G, patches="search", grid=3, scales=(2,), budget=23),
+    "search grid 4 → top 1, budget 26": dict(_G, patches="search", grid=4, budget=26),
+    "search grid 4 + 2 → top 1, budget 30": dict(_G, patches="search", grid=4, scales=(2,), budget=30),
+    "dense maskclip": dict(_G, patches="dense", dense_path="maskclip"),
+    "dense clearclip": dict(_G, patches="dense", dense_path="clearclip"),
+    "dense sclip": dict(_G, patches="dense", dense_path="sclip"),
 }
 MAX_ENCODES = 30  # 3× grid 3 (10 encodes)
 
@@ -187,7 +189,7 @@ def run(quick: bool = False) -> dict:
     _log(f"scene CLIP {settings.key()} ({'quick' if quick else 'full'} settings)")
     trained = cached_model(settings, log=_log)
     encoder = load_trained(trained)
-    n_test, n_dev = (20, 12) if quick else (100, 60)
+    n_test, n_dev = (20, 12) if quick else (100, 50)
     with tempfile.TemporaryDirectory(prefix="guardalign-scene-") as tmp:
         anchors = load_anchors(write_anchors(Path(tmp) / "toy-anchors.yaml"))
     cache = CropCache(encoder)
@@ -214,6 +216,16 @@ def run(quick: bool = False) -> dict:
     print(markdown)
     write_section("scene", "## Objects anywhere: the scene world (issue 13)\n\n" + markdown)
     return {"seconds": total, "markdown": markdown, "default": default}
+
+
+def _is_default(kw: dict) -> bool:
+    """Whether a layout is DetectConfig's default (the one `scan` uses without layout flags)."""
+    from dataclasses import replace
+
+    from guardalign.config import DetectConfig
+
+    d = DetectConfig()
+    return replace(d, **kw) == d
 
 
 def _choose(results: dict, dev: Split) -> str:
@@ -272,7 +284,7 @@ def _layout_table(results, test, dev, cache, zbar, default) -> str:
     rows, loc_rows = [], []
     for name, r in results.items():
         aucs = _aucs(test, r["test"]["ot"], "lower")
-        mark = " **(new default)**" if name == default else ""
+        mark = (" **(shipped default)**" if _is_default(r["kw"]) else "") + (" *(dev-split pick)*" if name == default else "")
         rows.append([name + mark, str(r["test"]["encodes"])] + [f"{a:.3f}" for a in aucs] + [f"{min(aucs):.3f}"])
         tau = choose_threshold(r["dev"]["ot"], dev.labels, TARGET_FPR, "lower").threshold
         loc = _localise(test, r["test"]["dets"], tau)
@@ -342,7 +354,8 @@ def _speed(encoder, anchors, test, default, quick) -> str:
     from guardalign.detection.detector import Detector
 
     images = [s.image for s in test.items[: (16 if quick else 48)]]
-    names = list(dict.fromkeys(["grid 3 (issue-7 default)", default, "grid 3 stride 0.5", "dense maskclip"]))
+    shipped = [n for n, kw in LAYOUTS.items() if _is_default(kw)]
+    names = list(dict.fromkeys(["grid 3 (issue-7 default)", *shipped, default, "grid 3 stride 0.5", "dense maskclip"]))
     dets = {n: Detector(encoder, anchors, DetectConfig(batch_size=16, **LAYOUTS[n])) for n in names}
     best = interleaved({n: (lambda d=d: d.detect(images)) for n, d in dets.items()}, rounds=2 if quick else 3)
     ref = len(images) / best[names[0]]
@@ -350,7 +363,7 @@ def _speed(encoder, anchors, test, default, quick) -> str:
             for n in names]
     return ("### Cost, side by side (real detector, no crop cache)\n\n"
             f"{len(images)} scene images (256×256), batch 16, best of interleaved rounds. Grid 3: {ref:.1f} img/s.\n\n"
-            + table(["layout", "encodes / image", "img/s", "time ÷ grid 3"], rows))
+            + table(["layout", "encodes / image", "img/s", "img/s ÷ grid 3"], rows))
 
 
 def _tile_world(anchors, default, quick) -> str:
@@ -364,12 +377,14 @@ def _tile_world(anchors, default, quick) -> str:
     base = Detector(cache, anchors, DetectConfig(batch_size=64))
     split = _tile_split(1, 24 if quick else 100)
     names = list(dict.fromkeys(["grid 3 (issue-7 default)", default, "grid 3 stride 0.5", "grid 2 stride 0.5",
-                                "search grid 3 → top 2, budget 28", "search grid 2 s0.5 → top 2, budget 28"]))
+                                "grid 4", "search grid 3 → top 2 (½-size), budget 28",
+                                "search grid 3 + 2 → top 1, budget 23"]))
     rows = []
     for n in names:
         d = base.with_config(**LAYOUTS[n])
         s = np.array([x.score for x in d.detect([c.image for c in split.items])])
-        rows.append([n + (" **(new default)**" if n == default else ""), str(d.config.encodes())]
+        rows.append([n + (" **(shipped default)**" if _is_default(LAYOUTS[n]) else "")
+                     + (" *(dev-split pick)*" if n == default else ""), str(d.config.encodes())]
                     + [f"{a:.3f}" for a in _aucs(split, s, "lower")])
     return ("### The same layouts on the tile world (issue 7's tiny CLIP and composites, test seed 1)\n\n"
             + table(["layout (OT)", "encodes", "1/9 on-grid", "1/9 off-grid", "1/4", "1/2"], rows))

@@ -22,6 +22,8 @@ Examples:
 
   find imgs -name '*.png' | guardalign scan - --patches dense --max-unsafe-rate 0.01 --out scan.jsonl
 
+  guardalign scan photos/ --patches grid --grid 3 --out scan.jsonl   # the paper's 3×3 grid: 10 encodes per image instead of 28
+
   guardalign scan imgs/ --clip-model ViT-B-32 --pretrained ./open_clip_pytorch_model.bin   # offline weights
 
 Exit codes: 0 done, gates passed · 1 a gate failed (--fail-on-unsafe, --max-unsafe-rate) · 2 usage/config/model error, nothing written · 3 finished, but some inputs could not be read (see their status=error records).

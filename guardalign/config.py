@@ -51,10 +51,10 @@ class EncoderConfig:
 class DetectConfig:
     method: str = "ot"  # "ot" (entropy-weighted optimal transport over patches) or "global" (ETA cosine baseline)
     patches: str = "search"  # "search" (coarse windows, then re-cut the most suspicious within `budget` encodes; bench/RESULTS.md issue 13), "grid" (crop r×c windows only; the paper's is grid 3) or "dense" (one forward pass)
-    grid: int = 4  # grid and search modes: windows per side (of the coarse layout in search mode)
+    grid: int = 3  # grid and search modes: windows per side (of the coarse layout in search mode)
     stride: float = 1.0  # grid and search modes: window stride as a fraction of the window; < 1 overlaps windows
     scales: tuple[int, ...] = ()  # grid and search modes: extra grid sizes to add (multi-scale), e.g. (2, 4)
-    budget: int = 26  # search mode: most image-tower forwards per image (whole image + coarse + refined windows)
+    budget: int = 28  # search mode: most image-tower forwards per image (whole image + coarse + refined windows)
     refine_scale: float = 0.5  # search mode: a refined window is re-cut into 3×3 windows this fraction of its side, at stride 0.5
     dense_path: str = "maskclip"  # dense mode: "maskclip" (value path), "clearclip" (q–q attention) or "sclip" (correlative)
     tau: float | None = None  # override every category's τ (None: take τ from the anchors YAML)

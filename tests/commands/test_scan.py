@@ -58,7 +58,7 @@ def test_folder_to_jsonl_records(tmp_path, model_args):
     (["--patches", "grid", "--grid", "3", "--scales", "2"], 14, 13),
     (["--patches", "grid", "--grid", "2", "--stride", "0.5"], 10, 9),
     (["--patches", "search", "--grid", "3", "--budget", "19"], 19, 18),
-    ([], 26, 25),  # the default: search, grid 4, budget 26
+    ([], 28, 27),  # the default: search, grid 3, budget 28 (2 windows re-cut into 9)
     (["--patches", "search", "--grid", "2", "--stride", "0.5", "--budget", "30"], 28, 27),
     (["--patches", "dense", "--dense-path", "sclip"], 1, 16),
 ])
