@@ -120,6 +120,9 @@ def calibrate(
     patches: str = DetectConfig.patches,
     grid: int = DetectConfig.grid,
     stride: float = DetectConfig.stride,
+    scales: tuple[int, ...] = DetectConfig.scales,
+    budget: int = DetectConfig.budget,
+    dense_path: str = DetectConfig.dense_path,
     batch_size: int = DetectConfig.batch_size,
     device: str = EncoderConfig.device,
     bootstrap: int = 1000,
@@ -142,7 +145,8 @@ def calibrate(
     anchor_set = load_anchors(anchors_path)
     out_path = _check_out(out, anchors_path, overwrite)
     if from_scan is None:
-        DetectConfig(method=method, patches=patches, grid=grid, stride=stride, batch_size=batch_size).validate()
+        DetectConfig(method=method, patches=patches, grid=grid, stride=stride, batch_size=batch_size,
+                     scales=tuple(scales), budget=budget, dense_path=dense_path).validate()
         if method == "global" and out_path is not None:
             raise ConfigError(_GLOBAL_NO_YAML)
         if method == "global" and per_category:
@@ -151,7 +155,8 @@ def calibrate(
     items, skipped = read_labelled(labelled, anchor_set.names)
     scored, method, fitted_for = _scores(items, skipped, anchor_set, from_scan, method, detector, progress,
                              dict(clip_model=clip_model, pretrained=pretrained, patches=patches, grid=grid,
-                                  stride=stride, batch_size=batch_size, device=device))
+                                  stride=stride, scales=tuple(scales), budget=budget, dense_path=dense_path,
+                                  batch_size=batch_size, device=device))
     if method == "global" and out_path is not None:
         raise ConfigError(_GLOBAL_NO_YAML)
     if method == "global" and per_category:
