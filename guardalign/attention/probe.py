@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from guardalign.attention.calibration import _REQUEST, _self_attention_layer, calibrated_attention, modify_scores
+
 PROBE_IMPL = "guardalign_probe"  # attn_implementation of the language model while probing
 LENSES = ("standard", "raw")
 
@@ -36,15 +38,10 @@ def first_layer(ranks: Sequence[int], k: int) -> int | None:
     return next((i for i, r in enumerate(ranks) if r is not None and r <= k), None)
 
 
-def span_weights(mask):
-    """Mean-pooling weights: ``mask`` (B, S) bool → (B, S) float32 rows summing to 1 (all zero for an empty row)."""
-    m = mask.float()
-    return m / m.sum(-1, keepdim=True).clamp_min(1.0)
-
-
 def pool(hidden, weights):
-    """Weighted sum over positions in float32: hidden (B, S, D), weights (B, S) → (B, D)."""
-    return (weights[:, None, :].to(hidden.device) @ hidden.float()).squeeze(1)
+    """Weighted sum over positions in float32: hidden (B, S, D), weights (B, S) (rows summing to 1 for a mean,
+    all zero for an empty span) → (B, D)."""
+    return (weights[:, None, :] @ hidden.float()).squeeze(1)
 
 
 def cosine(a, b):
@@ -54,20 +51,22 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
 
 
-def lens_logits(hidden_last, norm, lm_head, *, last_layer: bool, lens: str = "standard"):
-    """The logit lens at one layer: LM head of the layer's hidden state at the last position.
+def lens_logits(last, norm, lm_head, lens: str = "standard"):
+    """The logit lens at the last position of every layer at once.
 
-    hidden_last (B, D) is the decoder layer's output (before the final norm). ``standard`` applies the model's
-    final norm first; ``raw`` (the authors' released code) applies the LM head directly, except on the last
-    layer, whose state transformers already returns normed. Returns (B, V) logits in the model's dtype.
+    ``last`` (L, B, D) holds each decoder layer's output at the last position, before the final norm.
+    ``standard`` applies the model's final norm to every layer, then the LM head; ``raw`` (the authors' released
+    code) applies the LM head directly, except on the last layer, whose state transformers returns normed.
+    Returns (L, B, V) logits in the model's dtype.
     """
+    import torch
+
     if lens not in LENSES:
         raise ValueError(f"unknown lens {lens!r}: expected one of {LENSES}")
-    h = norm(hidden_last) if (last_layer or lens == "standard") else hidden_last
-    return lm_head(h)
+    return lm_head(norm(last) if lens == "standard" else torch.cat([last[:-1], norm(last[-1:])]))
 
 
-def last_row_mass(query, key, mask, scaling, spans, calibration=None):
+def last_row_mass(query, key, mask, scaling, spans, calibration=None, bias=None):
     """Attention mass of the last query position on each key span, averaged over heads.
 
     Parameters
@@ -78,6 +77,8 @@ def last_row_mass(query, key, mask, scaling, spans, calibration=None):
     spans : Tensor (B, k, n) float: 1 where key j belongs to span s of row b
     calibration : None, or (mode, gamma, row_mask (B,) bool, col_mask (B, k) bool): the calibration of this layer
         (:func:`guardalign.attention.calibration.modify_scores`), applied when the last row is in T
+    bias : None, or (B, 1, 1, k) float32 additive mask of the last row (0 or the dtype's minimum), used
+        instead of ``mask`` (one precomputed tensor for every layer of a forward pass)
 
     Returns
     -------
@@ -85,23 +86,25 @@ def last_row_mass(query, key, mask, scaling, spans, calibration=None):
     """
     import torch
 
-    from guardalign.attention.calibration import modify_scores
-
     bsz, n_heads, _, d = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
     g = n_heads // n_kv
-    q = query[:, :, -1].reshape(bsz, n_kv, g, d).float()
-    z = (q @ key.float().transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)  # (B, Hkv, g, k)
+    q = query[:, :, -1:].reshape(bsz, n_kv, g, d)
+    if q.dtype != torch.float32:
+        q, key = q.float(), key.float()
+    z = torch.matmul(q, key.transpose(-1, -2)).mul_(scaling if scaling is not None else d ** -0.5)  # (B, Hkv, g, k)
     if calibration is not None:
         mode, gamma, rows, cols = calibration
         z = modify_scores(z[..., None, :], z[..., None, :], mode, gamma, rows[:, None, None, None],
                           cols[:, None, None, :])[..., 0, :]
-    if mask is not None:
+    if bias is not None:
+        z = z.add_(bias)
+    elif mask is not None:
         m = mask[..., -1, :kv_len]  # (B|1, 1|H, k)
         m = m[:, :, None, :] if m.shape[1] == 1 else m.reshape(m.shape[0], n_kv, g, kv_len)
-        z = z.masked_fill(~m, torch.finfo(z.dtype).min) if m.dtype == torch.bool else z + m.float()
-    probs = torch.softmax(z, dim=-1).reshape(bsz, n_heads, kv_len)
-    return (probs @ spans.float()).mean(1)
+        z = z.masked_fill_(~m, torch.finfo(z.dtype).min) if m.dtype == torch.bool else z.add_(m)
+    probs = torch.softmax(z, dim=-1).view(bsz, n_heads, kv_len)
+    return torch.matmul(probs, spans).mean(1)
 
 
 @dataclass
@@ -111,16 +114,18 @@ class ProbeState:
     spans: Any  # (B, k, n) float key-span indicators
     n_layers: int  # decoder layer count (Mllama: cross-attention layers included)
     mass: list  # per layer: (B, n) float32 tensor, None for layers without text self-attention
+    bias: Any = None  # (B, 1, 1, k) float32 last-row padding mask (additive), or None: use the model's mask
 
 
 _PROBE: contextvars.ContextVar[ProbeState | None] = contextvars.ContextVar("guardalign_probe", default=None)
 
 
 @contextmanager
-def probing(spans, n_layers: int) -> Iterator[ProbeState]:
+def probing(spans, n_layers: int, bias=None) -> Iterator[ProbeState]:
     """Record the last position's attention mass on ``spans`` (B, k, n) in every forward pass of a model loaded
-    with PROBE_IMPL inside this block, in this context only."""
-    state = ProbeState(spans=spans, n_layers=n_layers, mass=[None] * n_layers)
+    with PROBE_IMPL inside this block, in this context only. ``bias`` (B, 1, 1, k), the additive padding mask
+    of the last row (whose causal part allows every key), stands in for the model's mask when given."""
+    state = ProbeState(spans=spans, n_layers=n_layers, mass=[None] * n_layers, bias=bias)
     token = _PROBE.set(state)
     try:
         yield state
@@ -131,8 +136,6 @@ def probing(spans, n_layers: int) -> Iterator[ProbeState]:
 def _calibration_of(layer: int, batch: int, kv_len: int, device):
     """(mode, γ, rows, cols) of the active calibration on ``layer`` for a last row at key position kv_len − 1, or None."""
     import torch
-
-    from guardalign.attention.calibration import _REQUEST
 
     req = _REQUEST.get()
     if req is None or layer not in req.calibrated:
@@ -145,15 +148,15 @@ def _calibration_of(layer: int, batch: int, kv_len: int, device):
 
 def probe_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The PROBE_IMPL attention function: calibrated attention, plus the last-row span mass while probing."""
-    from guardalign.attention.calibration import _self_attention_layer, calibrated_attention
-
     out = calibrated_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     state = _PROBE.get()
     if state is not None and kwargs.get("is_causal") is not False:
         layer = _self_attention_layer(module, state.n_layers)
         if layer is not None and key.shape[2] == state.spans.shape[1]:
             calib = _calibration_of(layer, query.shape[0], key.shape[2], query.device)
-            state.mass[layer] = last_row_mass(query, key, attention_mask, scaling, state.spans, calib)
+            bias = state.bias if attention_mask is not None else None
+            state.mass[layer] = last_row_mass(query, key, None if bias is not None else attention_mask, scaling,
+                                              state.spans, calib, bias=bias)
     return out
 
 

@@ -20,9 +20,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from guardalign.models.lvlm import (
-    _PREFIX_SEP, ChatRequest, PromptTooLongError, _processor_call, _token_span, render_prompt,
-)
+from guardalign.models.lvlm import _PREFIX_SEP, ChatRequest, PromptTooLongError, _processor_call, _token_span, render_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     from guardalign.attention.calibration import CalibrationSpec, Positions
@@ -71,6 +69,8 @@ class Form:
     pool: Any  # (B, S) bool: positions to mean-pool (image tokens / caption tokens), or None
     positions: "Positions | None"  # calibration positions (prefix R, instruction start t0) of chat rows
     lengths: list[int]  # unpadded length of each row, in tokens
+    weights: Any = None  # (B, S) float32 mean-pooling weights of ``pool``; None when nothing is pooled
+    bias: Any = None  # (B, 1, 1, S) float32 additive padding mask of the last row; None without padding
 
 
 def text_parts(model) -> tuple[Any, Any, Any, Any]:
@@ -91,24 +91,39 @@ def _question_start(text: str, req: ChatRequest, span: tuple[int, int]) -> int:
 
 
 def prepare_chat(lvlm: "LVLM", requests: Sequence[ChatRequest],
-                 captions: Sequence[tuple[int, int] | None] | None = None) -> Form:
+                 captions: Sequence[tuple[int, int] | None] | None = None, alone: Sequence[str] = ()) -> Form:
     """Tokenise chat rows (left-padded) with their spans: image tokens, the question's tokens (less the caption),
-    the caption (``captions[row]``: character span inside the question) and the prefix; pool = image tokens."""
+    the caption (``captions[row]``: character span inside the question) and the prefix; pool = image tokens.
+
+    ``alone`` appends one row per text fed alone: no chat template, the tokenizer's BOS token (when it has
+    one) then the text; pool = the text's own tokens. Only with text-only requests (one processor call).
+    """
+    import numpy as np
     import torch
 
     from guardalign.attention.calibration import Positions
 
     rendered = [render_prompt(lvlm, r) for r in requests]
-    enc = _processor_call(lvlm, [t for t, _ in rendered], [r.image for r in requests])
+    texts = [t for t, _ in rendered]
+    bos = lvlm.tokenizer.bos_token
+    if alone:  # chat texts that start with BOS make the processor add no special tokens: give these theirs
+        if any(r.image is not None for r in requests):
+            raise ValueError("texts fed alone ride only with text-only requests")
+        lead = bos if bos and all(t.startswith(bos) for t in texts) else ""
+        texts += [lead + a for a in alone]
+    enc = _processor_call(lvlm, texts, [r.image for r in requests] + [None] * len(alone))
     offsets = enc.pop("offset_mapping").tolist()
-    repl = enc.pop("text_replacement_offsets", None) or [[] for _ in rendered]
+    repl = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
     rows, width = ids.shape
     lengths = [int(n) for n in mask.sum(1).tolist()]
     for row, n in enumerate(lengths):
         if lvlm.context and n > lvlm.context:
             raise PromptTooLongError(f"prompt is {n} tokens; it exceeds the model's context window of {lvlm.context}")
-    spans = torch.zeros(rows, width, len(SPANS))
+    image = ((ids == int(lvlm.model.config.image_token_id)) & mask).numpy()
+    spans = np.zeros((rows, width, len(SPANS)), dtype=np.float32)  # numpy: cheap slice assignments
+    spans[..., 0] = image
+    pool = image.copy()
     prefix, starts = [], []
     for row, ((text, span), req) in enumerate(zip(rendered, requests)):
         r0, r1 = _token_span(offsets[row], span, repl[row])
@@ -123,42 +138,21 @@ def prepare_chat(lvlm: "LVLM", requests: Sequence[ChatRequest],
             spans[row, c0:c1, 1], spans[row, c0:c1, 2] = 0, 1
         if req.prefix.strip():  # an empty prefix may still map to the token that straddles its place
             spans[row, r0:r1, 3] = 1
-    image = (ids == int(lvlm.model.config.image_token_id)) & mask
-    spans[..., 0] = image.float()
-    spans[..., 1] *= (~image).float()
-    return Form(inputs=dict(enc), spans=spans, pool=image,
-                positions=Positions(prefix=tuple(prefix), instr_start=tuple(starts)), lengths=lengths)
-
-
-def _left_pad(t, width: int, value):
-    import torch
-
-    if t.shape[1] == width:
-        return t
-    return torch.cat([t.new_full((t.shape[0], width - t.shape[1], *t.shape[2:]), value), t], dim=1)
-
-
-def add_captions(lvlm: "LVLM", form: Form, captions: Sequence[str]) -> Form:
-    """Append one row per caption, fed alone (the tokenizer's own special tokens, no chat template), to a
-    text-only ``form``; pool = each caption's own tokens. The chat rows keep their spans and pool nothing."""
-    import torch
-
-    if "pixel_values" in form.inputs:
-        raise ValueError("add_captions needs a text-only form")
-    enc = lvlm.tokenizer(list(captions), padding=True, return_tensors="pt", return_offsets_mapping=True)
-    offs, cmask = enc["offset_mapping"], enc["attention_mask"].bool()
-    cpool = (offs[..., 1] > offs[..., 0]) & cmask
-    width = max(form.inputs["input_ids"].shape[1], enc["input_ids"].shape[1])
-    pad_id = lvlm.tokenizer.pad_token_id
-    inputs = {}
-    for key, value in form.inputs.items():
-        fill = pad_id if key == "input_ids" else 0
-        extra = enc[key] if key in ("input_ids", "attention_mask") else torch.zeros_like(enc["input_ids"]).to(value.dtype)
-        inputs[key] = torch.cat([_left_pad(value, width, fill), _left_pad(extra.to(value.dtype), width, fill)])
-    spans = torch.cat([_left_pad(form.spans, width, 0), torch.zeros(len(captions), width, len(SPANS))])
-    pool = torch.cat([torch.zeros(form.spans.shape[0], width, dtype=torch.bool), _left_pad(cpool, width, False)])
-    lengths = form.lengths + [int(n) for n in cmask.sum(1).tolist()]
-    return Form(inputs=inputs, spans=spans, pool=pool, positions=None, lengths=lengths)
+    special = set(lvlm.tokenizer.all_special_ids)
+    for row in range(len(requests), rows):  # texts fed alone: the text's own tokens (not BOS, not padding)
+        pool[row] = [e > s and t not in special for (s, e), t in zip(offsets[row], ids[row].tolist())]
+        prefix.append((0, 0))
+        starts.append(width)
+    spans[..., 1] *= ~image
+    real = mask.numpy()
+    pool &= real
+    count = pool.sum(1, keepdims=True)
+    weights = (pool / np.maximum(count, 1)).astype(np.float32) if count.any() else None
+    bias = None if real.all() else np.where(real, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
+    return Form(inputs=dict(enc), spans=torch.from_numpy(spans), pool=torch.from_numpy(pool),
+                positions=Positions(prefix=tuple(prefix), instr_start=tuple(starts)), lengths=lengths,
+                weights=None if weights is None else torch.from_numpy(weights),
+                bias=None if bias is None else torch.from_numpy(bias))
 
 
 @dataclass
@@ -192,55 +186,66 @@ def run_form(lvlm: "LVLM", form: Form, token_ids: Sequence[int], *, lens: str = 
              spec: "CalibrationSpec | None" = None) -> LayerResult:
     """One forward pass of ``form`` (calibrated by ``spec`` when given) with per-layer reductions.
 
-    The model's text attention must be PROBE_IMPL (:func:`probe_attention_on`, or ``load_lvlm(...,
-    attn_implementation=register_probe())``).
+    Each layer's hook keeps the last position's state (B, D) and the pooled state (B, D); the logit lens of
+    all layers then runs as one batch after the pass. The model's text attention must be PROBE_IMPL
+    (:func:`probe_attention_on`, or ``load_lvlm(..., attn_implementation=register_probe())``).
     """
     import torch
 
     from guardalign.attention.calibration import calibrating
-    from guardalign.attention.probe import lens_logits, pool, probing, span_weights, token_ranks
+    from guardalign.attention.probe import lens_logits, pool, probing
 
     base, layers, norm, head = text_parts(lvlm.model)
-    n = len(layers)
-    dev = lvlm.device
-    ids = torch.tensor(list(token_ids), dtype=torch.long, device=dev)
-    weights = span_weights(form.pool).to(dev) if form.pool is not None and bool(form.pool.any()) else None
-    ranks: list = [None] * n
-    top1: list = [None] * n
-    pooled: list = [None] * n
+    n, dev = len(layers), lvlm.device
+    weights = None if form.weights is None else form.weights.to(dev)
+    lasts: list = [None] * n  # per layer: (B, D) state at the last position, before the final norm (a copy)
+    pooled: list = [None] * n  # per layer: (B, D) float32 mean over the pooled span
 
     def hook(layer: int):
         def reduce(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            logits = lens_logits(h[:, -1], norm, head, last_layer=layer == n - 1, lens=lens)
-            ranks[layer], top1[layer] = token_ranks(logits, ids), logits.argmax(-1)
-            if weights is not None:
+            lasts[layer] = h[:, -1].clone()  # a copy: no view may keep h (B, S, D) alive
+            if weights is not None:  # transformers' last hidden state is after the final norm
                 pooled[layer] = pool(norm(h) if layer == n - 1 else h, weights)
         return reduce
 
     inputs = {k: v.to(dev) for k, v in form.inputs.items()}
+    bias = None if form.bias is None else form.bias.to(dev)
     calib = calibrating(spec, form.positions, lvlm.n_layers, audit=False) if spec is not None else nullcontext()
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        with torch.inference_mode(), probing(form.spans.to(dev), n) as state, calib:
+        with torch.inference_mode(), probing(form.spans.to(dev), n, bias) as state, calib:
             base(**inputs, use_cache=False)
+            _fill_skipped(lasts, pooled)
+            logits = lens_logits(torch.stack(lasts), norm, head, lens).flatten(0, 1)  # (L·B, V)
+            ranks = _ranks(logits, torch.tensor(list(token_ids), dtype=torch.long, device=dev))
     finally:
         for h in handles:
             h.remove()
-    return _stack(ranks, top1, pooled, state.mass, form.spans.shape[0], dev)
+    rows = form.spans.shape[0]
+    nan = torch.full((rows, len(SPANS)), float("nan"), device=dev)
+    return LayerResult(
+        ranks=ranks.view(n, rows, -1).transpose(0, 1).to("cpu"), top1=logits.argmax(-1).view(n, rows).T.to("cpu"),
+        pooled=torch.stack(pooled, 1).to("cpu") if weights is not None else None,
+        mass=torch.stack([m if m is not None else nan for m in state.mass], 1).to("cpu"))
 
 
-def _stack(ranks, top1, pooled, mass, rows: int, device) -> LayerResult:
-    """Stack per-layer results (a layer that did not run repeats the previous one) and move them to the CPU."""
+def _fill_skipped(lasts: list, pooled: list) -> None:
+    """A layer that did not run (Mllama's cross-attention without an image) repeats the previous layer."""
+    if lasts[0] is None or lasts[-1] is None:
+        raise RuntimeError("the first and last decoder layers must run in every forward pass")
+    for i in range(1, len(lasts)):
+        if lasts[i] is None:
+            lasts[i], pooled[i] = lasts[i - 1], pooled[i - 1]
+
+
+def _ranks(logits, ids, max_elements: int = 1 << 26):
+    """:func:`guardalign.attention.probe.token_ranks` in row chunks, so the (rows, n, V) comparison stays small."""
     import torch
 
-    if ranks[0] is None or ranks[-1] is None:
-        raise RuntimeError("the first and last decoder layers must run in every forward pass")
-    for i in range(1, len(ranks)):
-        if ranks[i] is None:
-            ranks[i], top1[i], pooled[i] = ranks[i - 1], top1[i - 1], pooled[i - 1]
-    nan = torch.full((rows, len(SPANS)), float("nan"), device=device)
-    return LayerResult(
-        ranks=torch.stack(ranks, 1).cpu(), top1=torch.stack(top1, 1).cpu(),
-        pooled=torch.stack(pooled, 1).cpu() if pooled[0] is not None else None,
-        mass=torch.stack([m if m is not None else nan for m in mass], 1).cpu())
+    from guardalign.attention.probe import token_ranks
+
+    step = max(1, max_elements // max(1, ids.numel() * logits.shape[-1]))
+    if step >= logits.shape[0]:
+        return token_ranks(logits, ids)
+    return torch.cat([token_ranks(logits[i:i + step], ids) for i in range(0, logits.shape[0], step)])

@@ -65,7 +65,7 @@ class ProbeStage:
     on_record: Callable[[dict], None] | None = None  # called with every record counted (summary)
     name: str = "probe"  # runner: progress label
     unit: str = "pair"  # runner: progress unit
-    _settings: dict = field(default_factory=dict)
+    _settings: dict = field(default_factory=dict, repr=False)  # settings(), computed once
 
     def settings(self) -> dict:
         """Everything that shapes a record; a resumed run must match it (batch size does not count)."""
@@ -121,7 +121,7 @@ class ProbeStage:
         """Fill the records of ``todo`` [(record, pair, image)]: one forward pass per form over all of them."""
         from guardalign.attention.probe import cosine
         from guardalign.models.lvlm import ChatRequest
-        from guardalign.models.probe_forward import add_captions, prepare_chat, run_form
+        from guardalign.models.probe_forward import prepare_chat, run_form
 
         lv, ids, n = self.lvlm, [t.id for t in self.tokens], len(todo)
         prompts = [p.prompt or self.prompt for _, p, _ in todo]
@@ -131,8 +131,8 @@ class ProbeStage:
         results = {"image": run_form(lv, prepare_chat(lv, [ChatRequest(q, im, "") for q, im in zip(prompts, images)]),
                                      ids, lens=self.lens)}
         text_form = prepare_chat(lv, [ChatRequest(q, None, "") for q in questions],
-                                 [(cut, cut + len(p.text)) for _, p, _ in todo])
-        text = run_form(lv, add_captions(lv, text_form, [p.text for _, p, _ in todo]), ids, lens=self.lens)
+                                 [(cut, cut + len(p.text)) for _, p, _ in todo], alone=[p.text for _, p, _ in todo])
+        text = run_form(lv, text_form, ids, lens=self.lens)
         results["text"], caption = text, text.pooled[n:]
         detections = self._defences(results, prompts, images)
         for row, (rec, pair, _) in enumerate(todo):

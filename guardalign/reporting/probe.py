@@ -131,8 +131,9 @@ def svg_curves(series: list[tuple[str, dict | None, str, str]], *, label: str, l
          f'<line x1="{L}" y1="{T}" x2="{L}" y2="{T + ph}" stroke="#888"/>',
          f'<text x="{L - 6}" y="{T + 8}" font-size="11" text-anchor="end">{top}</text>'
          f'<text x="{L - 6}" y="{T + ph}" font-size="11" text-anchor="end">{bottom}</text>',
-         f'<text x="{L + pw / 2:.1f}" y="{h - 22}" font-size="11" text-anchor="middle">layer'
-         f'{" (log scale)" if log else ""}</text>']
+         f'<text x="{L + pw / 2:.1f}" y="{h - 22}" font-size="11" text-anchor="middle">layer</text>']
+    if log:
+        p.append(f'<text x="{L + 4}" y="{T + 8}" font-size="10" fill="#666">log scale</text>')
     for i in range(0, n, max(1, n // 16)):
         p.append(f'<text x="{sx(i):.1f}" y="{T + ph + 14}" font-size="10" text-anchor="middle">{i}</text>')
     for name, c, colour, dash in series:
@@ -169,7 +170,8 @@ def probe_html(p: dict[str, Any]) -> str:
     if p["ok"]:
         forms = p["all"]["forms"]
         out += ["<h3>Refusal-token rank per layer</h3><p class=muted>Best rank of any refusal token under the logit "
-                "lens at the last prompt position (1 = top-1), geometric mean over pairs with a 95% bootstrap band. "
+                "lens at the last prompt position (1 = top-1: the bottom of the chart, log scale), geometric mean over pairs "
+                "with a 95% bootstrap band. "
                 "TGA's finding is the gap between the text and the image forms.</p>",
                 svg_curves([(f, forms[f]["rank"], COLOURS[f], "") for f in forms], label="refusal rank per layer",
                            log=True)]

@@ -9,7 +9,7 @@ import torch
 
 from guardalign.attention.calibration import CalibrationSpec, Positions, calibrating, modify_scores
 from guardalign.attention.probe import (
-    cosine, first_layer, lens_logits, last_row_mass, pool, probe_attention, probing, span_weights, token_ranks,
+    cosine, first_layer, lens_logits, last_row_mass, pool, probe_attention, probing, token_ranks,
 )
 
 
@@ -30,10 +30,9 @@ def test_first_layer():
 
 def test_pool_and_cosine_hand_worked():
     h = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 9.0]]])  # (1, 3, 2)
-    mask = torch.tensor([[True, True, False]])
-    pooled = pool(h, span_weights(mask))
+    pooled = pool(h, torch.tensor([[0.5, 0.5, 0.0]]))
     assert torch.allclose(pooled, torch.tensor([[2.0, 1.0]]))  # mean of rows 0 and 1
-    assert torch.equal(span_weights(torch.zeros(1, 3, dtype=torch.bool)), torch.zeros(1, 3))
+    assert torch.equal(pool(h, torch.zeros(1, 3)), torch.zeros(1, 2))
     a, b = torch.tensor([[3.0, 4.0]]), torch.tensor([[4.0, 3.0]])
     assert cosine(a, b).item() == pytest.approx(24 / 25)
     assert cosine(a, torch.zeros(1, 2)).item() == 0.0
@@ -42,12 +41,12 @@ def test_pool_and_cosine_hand_worked():
 def test_lens_logits_standard_and_raw():
     norm = lambda x: x * 2  # noqa: E731 - stand-ins: a "norm" that doubles, an identity LM head
     head = lambda x: x  # noqa: E731
-    h = torch.tensor([[1.0, -1.0]])
-    assert torch.equal(lens_logits(h, norm, head, last_layer=False, lens="standard"), 2 * h)
-    assert torch.equal(lens_logits(h, norm, head, last_layer=False, lens="raw"), h)
-    assert torch.equal(lens_logits(h, norm, head, last_layer=True, lens="raw"), 2 * h)  # the last state is normed
+    last = torch.tensor([[[1.0, -1.0]], [[3.0, 0.5]], [[-2.0, 4.0]]])  # (L=3, B=1, D=2)
+    assert torch.equal(lens_logits(last, norm, head, "standard"), 2 * last)
+    raw = lens_logits(last, norm, head, "raw")
+    assert torch.equal(raw[:2], last[:2]) and torch.equal(raw[2], 2 * last[2])  # the last state is normed
     with pytest.raises(ValueError, match="lens"):
-        lens_logits(h, norm, head, last_layer=False, lens="other")
+        lens_logits(last, norm, head, "other")
 
 
 def _reference_mass(q, k, mask_row, scaling, spans, calib=None):

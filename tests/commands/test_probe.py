@@ -76,7 +76,7 @@ def records(path) -> list[dict]:
 def test_records_match_the_forward_pass_and_bad_lines_become_errors(tmp_path, lv):
     from guardalign.attention.probe import cosine
     from guardalign.models.lvlm import ChatRequest
-    from guardalign.models.probe_forward import add_captions, prepare_chat, refusal_tokens, run_form
+    from guardalign.models.probe_forward import prepare_chat, refusal_tokens, run_form
 
     pairs = write_pairs(tmp_path, [GOOD[0], GOOD[1], {"id": "m", "image": "imgs/none.png", "text": "x"}, "{oops"])
     out = tmp_path / "probe.jsonl"
@@ -96,8 +96,8 @@ def test_records_match_the_forward_pass_and_bad_lines_become_errors(tmp_path, lv
     image = Image.open(tmp_path / "imgs/a.png").convert("RGB")
     img = run_form(lv, prepare_chat(lv, [ChatRequest("Describe this image.", image, "")]), ids)
     cut = len("Describe this scene: ")
-    text = run_form(lv, add_captions(lv, prepare_chat(lv, [ChatRequest(a["text_prompt"], None, "")],
-                                                       [(cut, len(a["text_prompt"]))]), [a["text"]]), ids)
+    text = run_form(lv, prepare_chat(lv, [ChatRequest(a["text_prompt"], None, "")], [(cut, len(a["text_prompt"]))],
+                                     alone=[a["text"]]), ids)
     assert a["forms"]["image"]["ranks"] == img.ranks[0].T.tolist()
     assert a["forms"]["text"]["ranks"] == text.ranks[0].T.tolist()
     assert a["forms"]["image"]["rank"] == img.ranks[0].min(-1).values.tolist()

@@ -14,7 +14,7 @@ from guardalign.attention.calibration import CalibrationSpec, calibrating
 from guardalign.attention.probe import PROBE_IMPL, register_probe
 from guardalign.models.lvlm import ChatRequest, load_lvlm
 from guardalign.models.probe_forward import (
-    SPANS, add_captions, prepare_chat, probe_attention_on, refusal_tokens, run_form, text_parts,
+    SPANS, prepare_chat, probe_attention_on, refusal_tokens, run_form, text_parts,
 )
 from lvlm_fixtures import FAMILIES, make_tiny_lvlm
 
@@ -41,8 +41,8 @@ def _image(size=(40, 30), colour=(200, 30, 30)):
 def _forms(lv, image=None, caption=CAPTION):
     img = prepare_chat(lv, [ChatRequest("Describe this image.", image or _image(), "")])
     text = prepare_chat(lv, [ChatRequest(TEMPLATE_HEAD + caption, None, "")],
-                        [(len(TEMPLATE_HEAD), len(TEMPLATE_HEAD) + len(caption))])
-    return img, add_captions(lv, text, [caption])
+                        [(len(TEMPLATE_HEAD), len(TEMPLATE_HEAD) + len(caption))], alone=[caption])
+    return img, text
 
 
 def _hidden_states(lv, inputs):
@@ -99,7 +99,8 @@ def test_cosine_and_pooling_match_a_hand_computation(loaded, family):
     img_states, _ = _hidden_states(lv, img_form.inputs)
     where = (img_form.inputs["input_ids"][0] == lv.model.config.image_token_id).nonzero().flatten().tolist()
     assert where and len(where) == int(img_form.pool[0].sum())
-    enc = lv.tokenizer(CAPTION, return_tensors="pt")  # the caption fed alone, as a user would tokenise it
+    bos = lv.tokenizer.bos_token  # the caption fed alone: BOS (when the tokenizer has one), then the caption
+    enc = lv.tokenizer((bos or "") + CAPTION, add_special_tokens=False, return_tensors="pt")
     cap_states, _ = _hidden_states(lv, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     special = set(lv.tokenizer.all_special_ids)
     keep = [i for i, t in enumerate(enc["input_ids"][0].tolist()) if t not in special]
@@ -171,8 +172,8 @@ def test_results_do_not_depend_on_batching_or_padding(loaded, family):
         img = prepare_chat(lv, [ChatRequest("Describe this image.", images[i], "") for i in idx])
         qs = [TEMPLATE_HEAD + captions[i] for i in idx]
         text = prepare_chat(lv, [ChatRequest(q, None, "") for q in qs],
-                            [(len(TEMPLATE_HEAD), len(q)) for q in qs])
-        return run_form(lv, img, ids), run_form(lv, add_captions(lv, text, [captions[i] for i in idx]), ids)
+                            [(len(TEMPLATE_HEAD), len(q)) for q in qs], alone=[captions[i] for i in idx])
+        return run_form(lv, img, ids), run_form(lv, text, ids)
 
     together = batch([0, 1, 2])
     assert together[1].pooled.shape[0] == 6
@@ -222,3 +223,21 @@ def test_refusal_tokens_with_and_without_space(loaded):
         assert t.id == tok(t.text, add_special_tokens=False)["input_ids"][0] and t.token == tok.decode([t.id])
     with pytest.raises(ValueError, match="no refusal token"):
         refusal_tokens(tok, [" "])
+
+
+def test_spans_with_a_prefix_in_the_user_turn_and_in_the_response(loaded):
+    lv = loaded["qwen2_vl"]
+    for at in ("user", "response"):
+        form = prepare_chat(lv, [ChatRequest("Describe this image.", _image(), "Be safe.", at)])
+        ids = form.inputs["input_ids"][0].tolist()
+        spans = {name: form.spans[0, :, i].nonzero().flatten().tolist() for i, name in enumerate(SPANS)}
+        decoded = {k: lv.tokenizer.decode([ids[j] for j in v]) for k, v in spans.items() if k != "image"}
+        assert decoded["prefix"].strip() == "Be safe." and decoded["text"].strip() == "Describe this image."
+        assert all(ids[j] == lv.model.config.image_token_id for j in spans["image"]) and spans["image"]
+        assert form.pool[0].tolist() == form.spans[0, :, 0].bool().tolist()
+        r0, r1 = form.positions.prefix[0]
+        assert list(range(r0, r1)) == spans["prefix"]
+        if at == "response":  # the prefix starts the answer: the last position is its last token
+            assert spans["prefix"][-1] == len(ids) - 1 and spans["prefix"][0] > spans["text"][-1]
+        else:
+            assert spans["prefix"][-1] < spans["text"][0] and form.positions.instr_start[0] == r1

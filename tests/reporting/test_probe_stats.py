@@ -99,4 +99,4 @@ def test_svg_log_scale_places_ranks():
                      label="t", log=True, w=200, h=100)
     ys = [float(p.split(",")[1]) for p in svg.split('<polyline points="')[1].split('"')[0].split()]
     assert ys[0] - ys[1] == pytest.approx(ys[1] - ys[2], abs=0.2)  # equal steps per decade
-    assert "log scale" in svg
+    assert ">log scale<" in svg
