@@ -23,7 +23,7 @@ Examples:
 
   guardalign mask train.parquet --out-dir clean/ --fill blur --dilate 8 --only-unsafe
 
-  guardalign mask /shared/shards/ --engine ray --concurrency 4 --out-dir /shared/clean/   # a shared folder
+  guardalign mask data/ --engine ray --concurrency 1 --out-dir clean/   # on Ray: --out-dir on a folder every node shares
 
 Exit codes: 0 done · 2 usage/config/model error, or --from-scan made with other anchors or model (nothing written) · 3 finished, but some items have no output (unreadable, missing from the scan, changed since the scan, or an existing output not overwritten); see manifest.jsonl.
 """

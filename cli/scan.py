@@ -31,7 +31,7 @@ Examples:
 
   guardalign scan imgs/ --clip-model ViT-B-32 --pretrained ./open_clip_pytorch_model.bin   # offline weights
 
-  guardalign scan 's3://bucket/shards/*.tar' --engine ray --concurrency 8 --out s3://bucket/scan/ --merge scan.parquet
+  guardalign scan data/ --engine ray --concurrency 1 --out scan-shards/ --merge scan.parquet   # Ray (README: Scaling out)
 
 Exit codes: 0 done, gates passed · 1 a gate failed (--fail-on-unsafe, --max-unsafe-rate) · 2 usage/config/model error, nothing written · 3 finished, but some inputs could not be read (see their status=error records).
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from guardalign.errors import ConfigError, InputError
+from guardalign.io import parquet_plan as pp
 from guardalign.io import sources as src
 from guardalign.io.images import IMAGE_EXTENSIONS, MAX_FILE_BYTES
 from guardalign.io.webdataset import is_tar, tar_items
@@ -269,15 +270,15 @@ def _arrow_error():
 
 def _check_columns(uri: str, schema, pl: _Planner) -> tuple[str, str]:
     """(image column, cell kind) of a Parquet schema, as sources checks them; InputError otherwise."""
-    column = pl.image_column or src._detect_column(uri, schema)
+    column = pl.image_column or pp.detect_column(uri, schema)[0]
     if column not in schema.names:
-        raise InputError(f"{uri}: image column {column!r} not found; columns: {src._describe_columns(schema)}")
-    kind = src._type_kind(schema.field(column).type)
+        raise InputError(f"{uri}: image column {column!r} not found; columns: {pp.describe_columns(schema)}")
+    kind = pp.type_kind(schema.field(column).type)
     if kind is None:
         raise InputError(f"{uri}: image column {column!r} has type {schema.field(column).type}; expected "
                          "struct<bytes: binary, path: string>, binary, or string (a path)")
     if pl.id_column is not None and pl.id_column not in schema.names:
-        raise InputError(f"{uri}: id column {pl.id_column!r} not found; columns: {src._describe_columns(schema)}")
+        raise InputError(f"{uri}: id column {pl.id_column!r} not found; columns: {pp.describe_columns(schema)}")
     return column, kind
 
 
@@ -335,9 +336,9 @@ def _parquet_items(frag: Fragment, image_column: str | None, id_column: str | No
                 filesystem, path = _fs(frag.path)
                 pf = stack.enter_context(pq.ParquetFile(stack.enter_context(filesystem.open_input_file(path))))
                 column, kind = _check_columns(frag.path, pf.schema_arrow, _Planner(image_column, id_column, 1))
-                plan_ = src._ParquetPlan(Path(path), column, kind, id_column, pf.metadata.num_rows)
+                plan_ = pp.ParquetPlan(Path(path), column, kind, id_column, pf.metadata.num_rows)
             else:
-                plan_ = src._parquet_plan(Path(frag.path), opts)
+                plan_ = pp.parquet_plan(Path(frag.path), opts.image_column, opts.id_column)
                 if plan_.error:
                     yield Item(frag.base, where, error=plan_.error, meta={"parquet": where, "base": frag.base})
                     return
@@ -349,7 +350,7 @@ def _parquet_items(frag: Fragment, image_column: str | None, id_column: str | No
                 keys = batch.column(columns.index(id_column)).to_pylist() if id_column else None
                 for i, cell in enumerate(cells):
                     key = None if keys is None or keys[i] is None else str(keys[i])
-                    item = src._row_item(plan_, frag.base, row + i, cell, key)
+                    item = src._row_item(plan_, frag.base, row + i, cell, key, opts)
                     yield _uri_row(item, frag.path, row + i) if uri else item
                 row += len(cells)
     except (OSError, InputError, _arrow_error()) as exc:

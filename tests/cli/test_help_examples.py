@@ -228,6 +228,7 @@ def world(tmp_path_factory, tiny_clip_config, tiny_clip_checkpoint):
     llava = make_tiny_lvlm("llava", models / "llava")
     qwen = make_tiny_lvlm("qwen2_vl", models / "Qwen2-VL-2B-Instruct", text_layers=20)
     judge = make_tiny_judge(models / "Llama-Guard-3-1B")
+    make_tiny_lvlm("llava_next", models / "llava-v1.6-mistral-7b-hf")  # probe's --lens raw example
     cache = root / "hub"
     _hub_cache_entry(cache, LLAVA_ID, llava)
     _hub_cache_entry(cache, "meta-llama/Llama-Guard-3-8B", judge)
@@ -248,11 +249,14 @@ def world(tmp_path_factory, tiny_clip_config, tiny_clip_checkpoint):
     for rec in labels[1:]:
         rec.pop("category")
     (ws / "labelled.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
-    for name in ("Qwen2-VL-2B-Instruct", "Llama-Guard-3-1B", "llava"):
+    for name in ("Qwen2-VL-2B-Instruct", "Llama-Guard-3-1B", "llava", "llava-v1.6-mistral-7b-hf"):
         (ws / name).symlink_to(models / name, target_is_directory=True)
     from benchmark_layouts import make_figstep, make_hades, make_mmsafety, make_spavl
 
     make_figstep(ws / "benchmarks" / "FigStep", good=1, bad=False)
+    make_figstep(ws / "FigStep", good=1, bad=False)  # probe --format figstep FigStep/
+    (ws / "pairs.jsonl").write_text(json.dumps({"id": "p1", "image": "photos/p0.png", "text": "a red square",
+                                                "category": "weapons"}) + "\n")
     make_mmsafety(ws / "benchmarks" / "MM-SafetyBench", good=1, bad=False)
     make_spavl(ws / "benchmarks" / "SPA-VL", good=1, bad=False)
     make_hades(ws / "benchmarks" / "HADES", good=1, bad=False)
