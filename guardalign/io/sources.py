@@ -2,14 +2,10 @@
 
 Input kinds (``READERS``), told apart up front by :func:`iter_items`:
 
-- ``folder``: walked recursively in sorted order (a directory's files, then its sub-directories,
-  depth-first; symlinked directories are not followed). Each file is classified by
-  :func:`guardalign.io.filetypes.classify`: by extension, else by its first bytes (so ``x.JPG.txt``, ``.heic``
-  and extension-less images are scanned); a non-regular file is never opened. Files that are neither images
-  nor Parquet get no record: they are counted, with the reason, in the stream's ``skipped`` log.
-- ``image``: a single file; ``parquet``: a file named ``*.parquet`` or starting with ``PAR1``.
-- ``tar``: a webdataset shard ``*.tar`` (also inside folders): one item per sample, id ``<shard>#<key>``
-  (:mod:`guardalign.io.webdataset`).
+- ``folder``: walked recursively in sorted order, depth-first, symlinked directories not followed. Files are
+  classified by :func:`guardalign.io.filetypes.classify` (extension, else first bytes); non-regular files are
+  never opened; files neither images nor Parquet are counted, with the reason, in ``skipped``.
+- ``image``: a single file; ``parquet``: ``*.parquet`` or starting with ``PAR1``; ``tar``: a webdataset shard ``*.tar`` (also in folders): one item per sample, id ``<shard>#<key>``.
 - ``list``: ``-``, newline-separated image paths on stdin (blank lines skipped; read as bytes).
 
 Record ids are stable across runs of the same command:

@@ -8,9 +8,8 @@ Two ways to get patch embeddings (DESIGN §1.1 "Patches", §4 "Dense CLIP featur
   path ``out_proj(v)``, ClearCLIP q–q attention or SCLIP correlative attention), then ``ln_post`` and ``proj``;
 - ``crop_patches``: encode given pixel boxes of each image (the refinement stage of search mode).
 
-Both return pixel boxes in the original image (window geometry and the dense value path live in
-:mod:`guardalign.models.patches`). Heavy imports: torch at module level (this module is only imported lazily
-by the CLI); open_clip inside functions.
+Both return pixel boxes in the original image (geometry: :mod:`guardalign.models.patches`). torch is imported at
+module level (the CLI imports this module lazily), open_clip inside functions.
 """
 from __future__ import annotations
 

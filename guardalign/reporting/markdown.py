@@ -74,6 +74,10 @@ def render_markdown(summary: dict[str, Any], data: Any) -> str:
             out += [f"### Prefix attention per layer (mean over {fmt_int(pa['records'])} answers)", ""]
             out += _md_table(["layer", "vanilla", "calibrated"], [
                 [i, fmt_num(v), fmt_num(c)] for i, (v, c) in enumerate(zip(pa["vanilla"], pa["calibrated"]))])
+    if summary.get("probe") is not None:
+        from guardalign.reporting.probe import probe_markdown
+
+        out += probe_markdown(summary["probe"])
     mal = summary["malformed"]
     if mal["count"]:
         out += [f"## Malformed records ({fmt_int(mal['count'])})", ""]

@@ -257,6 +257,10 @@ def world(tmp_path_factory, tiny_clip_config, tiny_clip_checkpoint):
     make_figstep(ws / "FigStep", good=1, bad=False)  # probe --format figstep FigStep/
     (ws / "pairs.jsonl").write_text(json.dumps({"id": "p1", "image": "photos/p0.png", "text": "a red square",
                                                 "category": "weapons"}) + "\n")
+    from guardalign.commands.probe import probe
+
+    probe(str(ws / "pairs.jsonl"), model=str(models / "llava"), out=str(ws / "probe.jsonl"), device="cpu",
+          progress=False)  # report's `report probe.jsonl` example reads a real probe run
     make_mmsafety(ws / "benchmarks" / "MM-SafetyBench", good=1, bad=False)
     make_spavl(ws / "benchmarks" / "SPA-VL", good=1, bad=False)
     make_hades(ws / "benchmarks" / "HADES", good=1, bad=False)

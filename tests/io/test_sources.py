@@ -39,7 +39,7 @@ def tree(root: Path) -> Path:
 
 
 def test_readers_registry_has_every_kind():
-    assert set(READERS) == {"folder", "image", "parquet", "list"}
+    assert set(READERS) == {"folder", "image", "parquet", "list", "tar"}
 
 
 def test_folder_is_recursive_sorted_and_filtered_by_extension(tmp_path):
