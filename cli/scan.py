@@ -27,7 +27,7 @@ Examples:
 
   find imgs -type f -print0 | guardalign scan - -0 --out scan.jsonl --overwrite
 
-  guardalign scan photos/ --patches grid --grid 3 --out scan.jsonl   # the paper's 3×3 grid: 10 encodes per image instead of 28
+  guardalign scan photos/ --grid 3 --out scan.jsonl   # the paper's 3×3 grid: 10 encodes per image instead of 30
 
   guardalign scan imgs/ --clip-model ViT-B-32 --pretrained ./open_clip_pytorch_model.bin   # offline weights
 
@@ -44,9 +44,9 @@ def scan_command(
     pretrained: str = PRETRAINED,
     method: str = typer.Option("ot", "--method", help="ot (patch optimal transport) or global (ETA whole-image cosine)."),
     patches: str = PATCHES,
-    grid: int = GRID,
+    grid: Optional[int] = GRID,
     stride: float = STRIDE,
-    scales: str = SCALES,
+    scales: Optional[str] = SCALES,
     budget: int = BUDGET,
     dense_path: str = DENSE_PATH,
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (a cost 1−cos; unsafe when d ≤ τ)."),

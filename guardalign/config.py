@@ -34,6 +34,9 @@ def n_windows(grid: int, stride: float = 1.0) -> int:
 
 
 PATCH_MODES = ("grid", "search", "dense")
+# --patches mode → (grid, scales) used when they are not given: grid 5×5 + 2×2 (30 encodes, bench/RESULTS.md issue 13);
+# search re-cuts a 3×3 coarse grid. Dense mode ignores both.
+LAYOUT_DEFAULTS = {"grid": (5, (2,)), "search": (3, ()), "dense": (5, (2,))}
 DENSE_PATHS = ("maskclip", "clearclip", "sclip")  # same tuple as guardalign.models.patches (torch-free copy)
 WEIGHTINGS = ("entropy", "uniform", "entropy_positive")
 AGGREGATES = ("normalized", "paper")
@@ -50,10 +53,10 @@ class EncoderConfig:
 @dataclass(frozen=True)
 class DetectConfig:
     method: str = "ot"  # "ot" (entropy-weighted optimal transport over patches) or "global" (ETA cosine baseline)
-    patches: str = "search"  # "search" (coarse windows, then re-cut the most suspicious within `budget` encodes; bench/RESULTS.md issue 13), "grid" (crop r×c windows only; the paper's is grid 3) or "dense" (one forward pass)
-    grid: int = 3  # grid and search modes: windows per side (of the coarse layout in search mode)
+    patches: str = "grid"  # "grid" (crop the windows of `grid` and `scales`; default 5×5 + 2×2, bench/RESULTS.md issue 13), "search" (coarse windows, then re-cut the most suspicious within `budget` encodes) or "dense" (one forward pass)
+    grid: int | None = None  # grid and search modes: windows per side (coarse layout in search mode); None: (2,) with the default grid, else ()
     stride: float = 1.0  # grid and search modes: window stride as a fraction of the window; < 1 overlaps windows
-    scales: tuple[int, ...] = ()  # grid and search modes: extra grid sizes to add (multi-scale), e.g. (2, 4)
+    scales: tuple[int, ...] | None = None  # grid and search modes: extra grid sizes (multi-scale), e.g. (2, 4); None: (2,) with the default grid, else ()
     budget: int = 28  # search mode: most image-tower forwards per image (whole image + coarse + refined windows)
     refine_scale: float = 0.5  # search mode: a refined window is re-cut into 3×3 windows this fraction of its side, at stride 0.5
     dense_path: str = "maskclip"  # dense mode: "maskclip" (value path), "clearclip" (q–q attention) or "sclip" (correlative)
@@ -66,6 +69,17 @@ class DetectConfig:
     variant_weighting: str = "entropy"  # b_i^n: same choices as patch_weighting
     aggregate: str = "normalized"  # decision score: "normalized" d_i(m) (ruling) or "paper" d_paper(m)
     batch_size: int = 32  # images per encoder batch
+
+    def __post_init__(self) -> None:
+        """Fill a grid/scales left as None: the --patches mode's default layout (LAYOUT_DEFAULTS) when grid is None,
+        else no extra scales (``grid=3`` alone means the 3×3 grid)."""
+        grid, scales = LAYOUT_DEFAULTS.get(self.patches, LAYOUT_DEFAULTS["grid"])
+        if self.scales is None:
+            object.__setattr__(self, "scales", scales if self.grid is None else ())
+        if self.grid is None:
+            object.__setattr__(self, "grid", grid)
+        elif not isinstance(self.scales, tuple):
+            object.__setattr__(self, "scales", tuple(self.scales))
 
     def validate(self) -> "DetectConfig":
         """Return self, or raise ConfigError naming the bad field."""

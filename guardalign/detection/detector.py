@@ -247,6 +247,8 @@ class Detector:
 
         ``batch.patch_emb``: (B, M, D) normalised; ``batch.boxes``: B arrays (M, 4); ``sizes``: B (width, height).
         """
+        import torch
+
         d = self._costs(batch.patch_emb)  # (B, M, C)
         margin = d - self._taus  # (B, M, C): ≤ 0 means unsafe for that category
         # τ_i = 0 switches category i off: costs are ≥ 0 in exact arithmetic, but 1 − cos can round below 0.
@@ -291,4 +293,6 @@ class Detector:
 
     def _encodes(self, n_patches: int) -> int:
         """Image-tower forwards behind ``n_patches`` patches of one image under this configuration."""
-        return 1 if self.config.patches == "dense" else 1 + n_patches
+        if self.config.patches == "dense":
+            return 1  # one forward pass gives every token
+        return 1 + n_patches  # the whole image and each window

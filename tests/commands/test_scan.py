@@ -58,7 +58,9 @@ def test_folder_to_jsonl_records(tmp_path, model_args):
     (["--patches", "grid", "--grid", "3", "--scales", "2"], 14, 13),
     (["--patches", "grid", "--grid", "2", "--stride", "0.5"], 10, 9),
     (["--patches", "search", "--grid", "3", "--budget", "19"], 19, 18),
-    ([], 28, 27),  # the default: search, grid 3, budget 28 (2 windows re-cut into 9)
+    ([], 30, 29),  # the default: grid 5×5 + 2×2
+    (["--grid", "3"], 10, 9),  # a grid given alone means that grid only (no default extra scale)
+    (["--patches", "search"], 28, 27),  # search's own defaults: grid 3, budget 28 (2 windows re-cut into 9)
     (["--patches", "search", "--grid", "2", "--stride", "0.5", "--budget", "30"], 28, 27),
     (["--patches", "dense", "--dense-path", "sclip"], 1, 16),
 ])
@@ -68,7 +70,8 @@ def test_layout_flags_reach_the_records(tmp_path, model_args, flags, encodes, n_
     res = run([str(tmp_path / "imgs"), "--out", str(out), *model_args, *flags])
     assert res.exit_code == 0, res.output
     for r in lines(out):
-        assert r["patches"] == (flags[1] if flags else "search") and r["encodes"] == encodes
+        mode = flags[flags.index("--patches") + 1] if "--patches" in flags else "grid"
+        assert r["patches"] == mode and r["encodes"] == encodes
         assert len(r["patch_boxes"]) == n_patches
 
 

@@ -165,3 +165,15 @@ def test_budget_without_room_to_refine_equals_grid(tiny_encoder):
     search = Detector(tiny_encoder, anchors, DetectConfig(patches="search", grid=3, budget=18)).detect(images)[0]
     assert search.encodes == grid.encodes == 10
     assert search.patch_boxes == grid.patch_boxes and np.allclose(search.patch_scores, grid.patch_scores)
+
+
+def test_layout_defaults_follow_the_patches_mode():
+    """No grid given: grid mode is 5×5 + 2×2 (30 encodes), search is grid 3 within budget 28; a grid given alone
+    means that grid only; explicit scales are kept."""
+    from guardalign.config import DetectConfig
+
+    assert (DetectConfig().grid, DetectConfig().scales, DetectConfig().encodes()) == (5, (2,), 30)
+    search = DetectConfig(patches="search")
+    assert (search.grid, search.scales, search.encodes()) == (3, (), 28)
+    assert (DetectConfig(grid=3).scales, DetectConfig(grid=3).encodes()) == ((), 10)
+    assert DetectConfig(grid=4, scales=[2]).scales == (2,) and DetectConfig(scales=()).encodes() == 26
