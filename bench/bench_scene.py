@@ -32,6 +32,9 @@ LAYOUTS = {
     "grid 3 + 2 (multi-scale)": dict(_G, patches="grid", grid=3, scales=(2,)),
     "grid 4": dict(_G, patches="grid", grid=4),
     "grid 4 + 2 (multi-scale)": dict(_G, patches="grid", grid=4, scales=(2,)),
+    "grid 5": dict(_G, patches="grid", grid=5),
+    "grid 5 + 2 (multi-scale)": dict(_G, patches="grid", grid=5, scales=(2,)),
+    "grid 6 (over budget: 37 encodes)": dict(_G, patches="grid", grid=6),
     "search grid 3 → top 2 (½-size), budget 28": dict(_G, patches="search", grid=3, budget=28),
     "search grid 3 → top 2 (¾-size), budget 28": dict(_G, patches="search", grid=3, budget=28, refine_scale=0.75),
     "search grid 2 s0.5 → top 2, budget 28": dict(_G, patches="search", grid=2, stride=0.5, budget=28),
@@ -189,7 +192,7 @@ def run(quick: bool = False) -> dict:
     _log(f"scene CLIP {settings.key()} ({'quick' if quick else 'full'} settings)")
     trained = cached_model(settings, log=_log)
     encoder = load_trained(trained)
-    n_test, n_dev = (20, 12) if quick else (100, 50)
+    n_test, n_dev = (20, 12) if quick else (150, 100)
     with tempfile.TemporaryDirectory(prefix="guardalign-scene-") as tmp:
         anchors = load_anchors(write_anchors(Path(tmp) / "toy-anchors.yaml"))
     cache = CropCache(encoder)
@@ -355,7 +358,8 @@ def _speed(encoder, anchors, test, default, quick) -> str:
 
     images = [s.image for s in test.items[: (16 if quick else 48)]]
     shipped = [n for n, kw in LAYOUTS.items() if _is_default(kw)]
-    names = list(dict.fromkeys(["grid 3 (issue-7 default)", *shipped, default, "grid 3 stride 0.5", "dense maskclip"]))
+    names = list(dict.fromkeys(["grid 3 (issue-7 default)", *shipped, default, "search grid 3 → top 2 (½-size), budget 28",
+                                "grid 3 stride 0.5", "dense maskclip"]))
     dets = {n: Detector(encoder, anchors, DetectConfig(batch_size=16, **LAYOUTS[n])) for n in names}
     best = interleaved({n: (lambda d=d: d.detect(images)) for n, d in dets.items()}, rounds=2 if quick else 3)
     ref = len(images) / best[names[0]]
@@ -377,7 +381,7 @@ def _tile_world(anchors, default, quick) -> str:
     base = Detector(cache, anchors, DetectConfig(batch_size=64))
     split = _tile_split(1, 24 if quick else 100)
     names = list(dict.fromkeys(["grid 3 (issue-7 default)", default, "grid 3 stride 0.5", "grid 2 stride 0.5",
-                                "grid 4", "search grid 3 → top 2 (½-size), budget 28",
+                                "grid 4", "grid 5", "grid 5 + 2 (multi-scale)", "search grid 3 → top 2 (½-size), budget 28",
                                 "search grid 3 + 2 → top 1, budget 23"]))
     rows = []
     for n in names:
