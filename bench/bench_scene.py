@@ -34,13 +34,9 @@ LAYOUTS = {
     "grid 4 + 2 (multi-scale)": dict(_G, patches="grid", grid=4, scales=(2,)),
     "grid 5": dict(_G, patches="grid", grid=5),
     "grid 5 + 2 (multi-scale)": dict(_G, patches="grid", grid=5, scales=(2,)),
-    "grid 6 (over budget: 37 encodes)": dict(_G, patches="grid", grid=6),
     "search grid 3 → top 2 (½-size), budget 28": dict(_G, patches="search", grid=3, budget=28),
-    "search grid 3 → top 2 (¾-size), budget 28": dict(_G, patches="search", grid=3, budget=28, refine_scale=0.75),
-    "search grid 2 s0.5 → top 2, budget 28": dict(_G, patches="search", grid=2, stride=0.5, budget=28),
     "search grid 3 + 2 → top 1, budget 23": dict(_G, patches="search", grid=3, scales=(2,), budget=23),
     "search grid 4 → top 1, budget 26": dict(_G, patches="search", grid=4, budget=26),
-    "search grid 4 + 2 → top 1, budget 30": dict(_G, patches="search", grid=4, scales=(2,), budget=30),
     "dense maskclip": dict(_G, patches="dense", dense_path="maskclip"),
     "dense clearclip": dict(_G, patches="dense", dense_path="clearclip"),
     "dense sclip": dict(_G, patches="dense", dense_path="sclip"),
@@ -192,7 +188,7 @@ def run(quick: bool = False) -> dict:
     _log(f"scene CLIP {settings.key()} ({'quick' if quick else 'full'} settings)")
     trained = cached_model(settings, log=_log)
     encoder = load_trained(trained)
-    n_test, n_dev = (20, 12) if quick else (150, 100)
+    n_test, n_dev = (20, 12) if quick else (100, 50)
     with tempfile.TemporaryDirectory(prefix="guardalign-scene-") as tmp:
         anchors = load_anchors(write_anchors(Path(tmp) / "toy-anchors.yaml"))
     cache = CropCache(encoder)

@@ -54,7 +54,7 @@ class EncoderConfig:
 class DetectConfig:
     method: str = "ot"  # "ot" (entropy-weighted optimal transport over patches) or "global" (ETA cosine baseline)
     patches: str = "grid"  # "grid" (crop the windows of `grid` and `scales`; default 5×5 + 2×2, bench/RESULTS.md issue 13), "search" (coarse windows, then re-cut the most suspicious within `budget` encodes) or "dense" (one forward pass)
-    grid: int | None = None  # grid and search modes: windows per side (coarse layout in search mode); None: (2,) with the default grid, else ()
+    grid: int | None = None  # grid and search modes: windows per side (coarse layout in search mode); None: 5 in grid mode, 3 in search mode (LAYOUT_DEFAULTS)
     stride: float = 1.0  # grid and search modes: window stride as a fraction of the window; < 1 overlaps windows
     scales: tuple[int, ...] | None = None  # grid and search modes: extra grid sizes (multi-scale), e.g. (2, 4); None: (2,) with the default grid, else ()
     budget: int = 28  # search mode: most image-tower forwards per image (whole image + coarse + refined windows)
