@@ -33,7 +33,7 @@ def mask_command(
     inputs: List[str] = INPUTS,
     out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder for purified copies and manifest.jsonl (never an input folder)."),
     from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning. The scan's records say which model, anchors and settings made them, so no model is loaded and the detection flags do not apply (an --anchors given must be the scan's). An image whose bytes differ from the scanned sha256 is an error, not copied."),
-    fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur or pixelate."),
+    fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur (Gaussian, σ half the box's long side) or pixelate (2 blocks along the box's long side, at half contrast). Blur and pixelate keep only the box's mean tone and a damped coarse layout."),
     dilate: int = typer.Option(0, "--dilate", help="Grow every masked box by PX pixels on each side."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write a ≤512 px reviewer image (patch heatmap, labelled unsafe boxes) per flagged image, into <out-dir>.overlays/ (outside the purified folder)."),
     overlay_dir: Optional[str] = typer.Option(None, "--overlay-dir", help="Folder for the reviewer images (implies --overlay; must not overlap --out-dir or an input)."),
