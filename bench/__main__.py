@@ -1,4 +1,4 @@
-"""One command for every benchmark: ``python -m bench [--only detector,scan,answer,quality,mask,eval,ray,probe] [--quick]``.
+"""One command for every benchmark: ``python -m bench [--only detector,scan,answer,quality,scene,mask,eval,ray,probe,fills] [--quick]``.
 
 Each bench measures ratios side by side in one run and rewrites its own section of bench/RESULTS.md.
 """
@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ["detector", "scan", "answer", "quality", "mask", "eval", "ray", "probe"]
+BENCHES = ["detector", "scan", "answer", "quality", "scene", "mask", "eval", "ray", "probe", "fills"]
 
 
 def main(argv: list[str] | None = None) -> int:

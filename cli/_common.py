@@ -16,6 +16,8 @@ def debug_enabled() -> bool:
 
     return DEBUG["on"] or os.environ.get("GUARDALIGN_DEBUG", "") not in ("", "0")
 
+from guardalign.config import DetectConfig
+
 
 def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     """Call a library entry point and turn every failure into one line on stderr and a documented exit code.
@@ -89,15 +91,30 @@ def stdin_if_dash(paths: list[str]):
     return sys.stdin if "-" in paths else None
 
 
+def parse_scales(text: str | None) -> tuple[int, ...] | None:
+    """'2,4' → (2, 4); '' → (); None (flag not given) → None, the --patches mode's default; else exit 2."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected comma-separated integers such as 2 or 2,4",
+                                 param_hint="--scales") from None
+
+
 # Options shared by the commands that read images and detect (scan, mask, calibrate). Typer only
 # reads these OptionInfo objects, so one instance can serve as the default in several commands.
+_D = DetectConfig()
 INPUTS = typer.Argument(..., help="Folders, image files, .parquet files, or '-' (paths on stdin).")
 ANCHORS = typer.Option(None, "--anchors", help="Anchor YAML (default: the shipped anchors/default.yaml).")
 CLIP_MODEL = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or an open_clip model-config JSON.")
 PRETRAINED = typer.Option("openai", "--pretrained", help="Pretrained tag, a local checkpoint path, or 'none' (random: scores meaningless).")
-PATCHES = typer.Option("grid", "--patches", help="grid (crop r×c windows) or dense (one forward pass).")
-GRID = typer.Option(3, "--grid", help="Grid mode: windows per side.")
-STRIDE = typer.Option(1.0, "--stride", help="Grid mode: window stride as a fraction of the window (<1 overlaps).")
+PATCHES = typer.Option(_D.patches, "--patches", help="grid (crop the --grid and --scales windows; default 5×5 + 2×2, 30 encodes), search (score --grid windows, then re-cut the most suspicious within --budget encodes) or dense (one forward pass).")
+GRID = typer.Option(None, "--grid", show_default=False, help="Grid/search mode: windows per side (the coarse windows in search mode). [default: 5 with --patches grid, 3 with search]")
+STRIDE = typer.Option(_D.stride, "--stride", help="Grid/search mode: window stride as a fraction of the window (<1 overlaps).")
+SCALES = typer.Option(None, "--scales", show_default=False, help="Grid/search mode: extra grid sizes, comma-separated (e.g. 2 or 2,4; '' for none): multi-scale windows. [default: 2 with the default --patches grid --grid 5, else none]")
+BUDGET = typer.Option(_D.budget, "--budget", help="Search mode: most image-tower forwards per image (whole image + coarse + refined windows; 9 per refined window).")
+DENSE_PATH = typer.Option(_D.dense_path, "--dense-path", help="Dense mode: maskclip (value path), clearclip (q–q attention) or sclip (correlative attention).")
 THETA = typer.Option(0.16, "--theta", help="Global method: unsafe when cos ≥ θ.")
 IMAGE_COLUMN = typer.Option(None, "--image-column", help="Parquet image column (default: detected).")
 ID_COLUMN = typer.Option(None, "--id-column", help="Parquet column to use as record id (default: file#row).")

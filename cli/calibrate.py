@@ -5,7 +5,9 @@ from typing import Optional
 
 import typer
 
-from cli._common import BATCH_SIZE, CLIP_MODEL, DEVICE, GRID, PATCHES, PRETRAINED, STRIDE, call
+from cli._common import (
+    BATCH_SIZE, BUDGET, CLIP_MODEL, DENSE_PATH, DEVICE, GRID, PATCHES, PRETRAINED, SCALES, STRIDE, call, parse_scales,
+)
 
 HELP = """Fit τ on labelled images: print a ROC table and write a tuned copy of the anchors YAML.
 
@@ -35,8 +37,11 @@ def calibrate_command(
     pretrained: str = PRETRAINED,
     method: str = typer.Option("ot", "--method", help="ot (fit τ, unsafe when cost ≤ τ) or global (fit θ, unsafe when cos ≥ θ); with --from-scan the records decide."),
     patches: str = PATCHES,
-    grid: int = GRID,
+    grid: Optional[int] = GRID,
     stride: float = STRIDE,
+    scales: Optional[str] = SCALES,
+    budget: int = BUDGET,
+    dense_path: str = DENSE_PATH,
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the AUROC interval."),
@@ -51,7 +56,8 @@ def calibrate_command(
         calibrate,
         labelled=labelled, anchors=anchors, target_fpr=target_fpr, per_category=per_category, out=out,
         overwrite=overwrite, from_scan=from_scan, clip_model=clip_model, pretrained=pretrained, method=method,
-        patches=patches, grid=grid, stride=stride, batch_size=batch_size, device=device, bootstrap=bootstrap,
+        patches=patches, grid=grid, stride=stride, scales=parse_scales(scales), budget=budget,
+        dense_path=dense_path, batch_size=batch_size, device=device, bootstrap=bootstrap,
         seed=seed, progress=not quiet,
     )
     typer.echo(json.dumps(result.to_dict()))

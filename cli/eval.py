@@ -48,7 +48,7 @@ def eval_command(
     clip_model: str = CLIP_MODEL,
     pretrained: str = PRETRAINED,
     patches: str = PATCHES,
-    grid: int = GRID,
+    grid: Optional[int] = GRID,
     tau: Optional[float] = typer.Option(None, "--tau", help="OT threshold τ for every category (default: the anchors YAML's)."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),

@@ -6,8 +6,9 @@ from typing import List, Optional
 import typer
 
 from cli._common import (  # shared option declarations
-    ANCHORS, BATCH_SIZE, CLIP_MODEL, CONCURRENCY, DEVICE, ENGINE, GPUS_PER_WORKER, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES,
-    PRETRAINED, QUIET, RAY_ADDRESS, STRIDE, THETA, WORKERS, call, stdin_if_dash,
+    ANCHORS, BATCH_SIZE, BUDGET, CLIP_MODEL, CONCURRENCY, DENSE_PATH, DEVICE, ENGINE, GPUS_PER_WORKER, GRID, ID_COLUMN,
+    IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, RAY_ADDRESS, SCALES, STRIDE, THETA, WORKERS, call, parse_scales,
+    stdin_if_dash,
 )
 
 HELP = """Write purified copies of images: unsafe patches masked, safe images copied byte-for-byte.
@@ -32,7 +33,7 @@ def mask_command(
     inputs: List[str] = INPUTS,
     out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder for purified copies and manifest.jsonl (never an input folder)."),
     from_scan: Optional[str] = typer.Option(None, "--from-scan", help="Reuse this scan's verdicts and boxes (JSONL or Parquet), matched by id, instead of scanning. The scan's records say which model, anchors and settings made them, so no model is loaded and the detection flags do not apply (an --anchors given must be the scan's). An image whose bytes differ from the scanned sha256 is an error, not copied."),
-    fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur or pixelate."),
+    fill: str = typer.Option("mean", "--fill", help="mean (Eq. 11: CLIP's mean colour, zero after normalisation), black, blur (Gaussian, σ half the box's long side) or pixelate (2 blocks along the box's long side, at half contrast). Blur and pixelate keep only the box's mean tone and a damped coarse layout."),
     dilate: int = typer.Option(0, "--dilate", help="Grow every masked box by PX pixels on each side."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write a ≤512 px reviewer image (patch heatmap, labelled unsafe boxes) per flagged image, into <out-dir>.overlays/ (outside the purified folder)."),
     overlay_dir: Optional[str] = typer.Option(None, "--overlay-dir", help="Folder for the reviewer images (implies --overlay; must not overlap --out-dir or an input)."),
@@ -44,8 +45,11 @@ def mask_command(
     pretrained: str = PRETRAINED,
     method: str = typer.Option("ot", "--method", help="ot (patch optimal transport) or global (ETA; masks the whole image)."),
     patches: str = PATCHES,
-    grid: int = GRID,
+    grid: Optional[int] = GRID,
     stride: float = STRIDE,
+    scales: Optional[str] = SCALES,
+    budget: int = BUDGET,
+    dense_path: str = DENSE_PATH,
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (not with --from-scan)."),
     theta: float = THETA,
     image_column: Optional[str] = IMAGE_COLUMN,
@@ -65,7 +69,8 @@ def mask_command(
         mask,
         inputs=inputs, out_dir=out_dir, from_scan=from_scan, fill=fill, dilate=dilate, overlay=overlay, overlay_dir=overlay_dir,
         only_unsafe=only_unsafe, overwrite=overwrite, force=force, anchors=anchors, clip_model=clip_model,
-        pretrained=pretrained, method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta,
+        pretrained=pretrained, method=method, patches=patches, grid=grid, stride=stride, scales=parse_scales(scales), budget=budget,
+        dense_path=dense_path, tau=tau, theta=theta,
         image_column=image_column, id_column=id_column, batch_size=batch_size, device=device, workers=workers,
         stdin=stdin_if_dash(inputs), progress=not quiet, engine=engine, ray_address=ray_address,
         concurrency=concurrency, gpus_per_worker=gpus_per_worker,

@@ -6,8 +6,9 @@ from typing import List, Optional
 import typer
 
 from cli._common import (  # shared option declarations
-    ANCHORS, BATCH_SIZE, CLIP_MODEL, CONCURRENCY, DEVICE, ENGINE, GPUS_PER_WORKER, GRID, ID_COLUMN, IMAGE_COLUMN, INPUTS, PATCHES,
-    PRETRAINED, QUIET, RAY_ADDRESS, STRIDE, THETA, WORKERS, call, stdin_if_dash,
+    ANCHORS, BATCH_SIZE, BUDGET, CLIP_MODEL, CONCURRENCY, DENSE_PATH, DEVICE, ENGINE, GPUS_PER_WORKER, GRID, ID_COLUMN,
+    IMAGE_COLUMN, INPUTS, PATCHES, PRETRAINED, QUIET, RAY_ADDRESS, SCALES, STRIDE, THETA, WORKERS, call, parse_scales,
+    stdin_if_dash,
 )
 
 HELP = """Score images for unsafe content and write one record per image.
@@ -26,6 +27,8 @@ Examples:
 
   find imgs -type f -print0 | guardalign scan - -0 --out scan.jsonl --overwrite
 
+  guardalign scan photos/ --grid 3 --out scan.jsonl   # the paper's 3×3 grid: 10 encodes per image instead of 30
+
   guardalign scan imgs/ --clip-model ViT-B-32 --pretrained ./open_clip_pytorch_model.bin   # offline weights
 
   guardalign scan data/ --engine ray --concurrency 1 --out scan-shards/ --merge scan.parquet   # Ray (README: Scaling out)
@@ -41,8 +44,11 @@ def scan_command(
     pretrained: str = PRETRAINED,
     method: str = typer.Option("ot", "--method", help="ot (patch optimal transport) or global (ETA whole-image cosine)."),
     patches: str = PATCHES,
-    grid: int = GRID,
+    grid: Optional[int] = GRID,
     stride: float = STRIDE,
+    scales: Optional[str] = SCALES,
+    budget: int = BUDGET,
+    dense_path: str = DENSE_PATH,
     tau: Optional[float] = typer.Option(None, "--tau", help="Override every category's τ (a cost 1−cos; unsafe when d ≤ τ)."),
     theta: float = THETA,
     out: str = typer.Option("-", "--out", "-o", help="Output file, or '-' for stdout (JSONL); with --engine ray a folder or URI of shards."),
@@ -69,7 +75,8 @@ def scan_command(
     summary = call(
         scan,
         inputs=inputs, anchors=anchors, clip_model=clip_model, pretrained=pretrained, method=method,
-        patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, out=out, format=format,
+        patches=patches, grid=grid, stride=stride, scales=parse_scales(scales), budget=budget,
+        dense_path=dense_path, tau=tau, theta=theta, out=out, format=format,
         image_column=image_column, id_column=id_column, batch_size=batch_size, device=device,
         workers=workers, resume=resume, overwrite=overwrite, null=null, fail_on_unsafe=fail_on_unsafe, max_unsafe_rate=max_unsafe_rate,
         stdin=stdin_if_dash(inputs), progress=not quiet, engine=engine, ray_address=ray_address,

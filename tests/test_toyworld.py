@@ -136,3 +136,77 @@ def test_smoke_pipeline_trains_and_ot_beats_chance_at_half_coverage(tmp_path):
     # demand three of them above chance (p ≈ 0.001 one-sided).
     margin = 3 * math.sqrt((2 * n + 1) / (12 * n * n))
     assert score > 0.5 + margin, f"OT AUROC {score:.3f} at 1/2 coverage is not above chance + {margin:.3f}"
+
+
+# ---- scene world (issue 13) -------------------------------------------------------------------
+def test_scenes_are_deterministic_and_seeded():
+    from bench.toyworld.scene import eval_scenes, training_views
+
+    a, b, c = eval_scenes(3, 2), eval_scenes(3, 2), eval_scenes(4, 2)
+    assert _digest(s.image for s in a) == _digest(s.image for s in b) and [s.box for s in a] == [s.box for s in b]
+    assert _digest(s.image for s in a) != _digest(s.image for s in c)
+    v1, l1 = training_views(5, 20, 48)
+    v2, l2 = training_views(5, 20, 48)
+    assert v1.shape == (20, 48, 48, 3) and v1.tobytes() == v2.tobytes() and (l1 == l2).all()
+
+
+@pytest.mark.parametrize("setting", ["grid", "anywhere", "mixed"])
+def test_scene_plants_one_object_of_the_set_size_on_top(monkeypatch, setting):
+    from bench.toyworld import scene as sc
+
+    drawn = []
+    real = sc.render
+    monkeypatch.setattr(sc, "render", lambda name, size, rng: drawn.append((name, size)) or real(name, size, rng))
+    rng = np.random.default_rng(1)
+    edges = [round(k * 256 / 3) for k in range(4)]
+    for unsafe in (True, False) * 6:
+        drawn.clear()
+        s = sc.scene(rng, setting, unsafe)
+        x0, y0, x1, y1 = s.box
+        assert s.image.size == (256, 256) and 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+        if setting == "grid":
+            assert x0 in edges and x1 == edges[edges.index(x0) + 1] and y0 in edges and y1 == edges[edges.index(y0) + 1]
+        else:
+            lo, hi = sc.SIDES[setting]
+            assert lo <= x1 - x0 <= hi and x1 - x0 == y1 - y0
+        assert drawn[-1] == (s.concept, x1 - x0)  # the planted object is drawn last
+        assert [n for n, _ in drawn if n in UNSAFE] == ([s.concept] if unsafe else [])
+        for d in s.distractors:  # distractors never touch the planted object
+            assert d[2] <= x0 or x1 <= d[0] or d[3] <= y0 or y1 <= d[1]
+
+
+def test_view_labels_follow_the_salient_object():
+    from bench.toyworld.scene import LABELS, NAMES, _view_label
+
+    owner = np.full((100, 100), -1, np.int16)
+    owner[10:50, 10:50] = 0  # object 0: 40×40
+    owner[60:66, 60:66] = 1  # object 1: 6×6
+    objects = [(NAMES.index("skull"), (10, 10, 50, 50)), (NAMES.index("circle"), (60, 60, 66, 66))]
+    assert LABELS[_view_label(owner, (0, 0, 60, 60), objects)] == "skull"  # 44% of the view
+    assert LABELS[_view_label(owner, (55, 55, 100, 100), objects)] == "clutter"  # 1.8% of the view
+    assert LABELS[_view_label(owner, (0, 0, 100, 100), objects)] == "skull"  # 16% of the view, all of the object
+    assert _view_label(owner, (0, 30, 100, 100), objects) is None  # 8%: neither salient nor absent
+    assert _view_label(owner, (35, 0, 95, 60), objects) is None  # 17% of the view, but only 37% of the object
+    assert LABELS[_view_label(owner, (30, 30, 50, 50), objects)] == "skull"  # a part that fills the view
+
+
+def test_scene_settings_key_their_own_cache_entry():
+    from bench.toyworld.train import SceneSettings, TrainSettings
+
+    assert SceneSettings().key() != TrainSettings().key() != SceneSettings(steps=10).key()
+    assert SceneSettings(threads=2).key() == SceneSettings().key()
+
+
+@pytest.mark.slow
+def test_scene_smoke_training_loads_through_the_product_path(tmp_path):
+    from bench.toyworld.scene import LABELS
+    from bench.toyworld.train import SceneSettings
+
+    s = SceneSettings(views=240, views_per_scene=12, steps=40, batch_size=32, warmup=5, vision_width=64,
+                      vision_layers=1, text_layers=1)
+    trained = cached_model(s, root=tmp_path)
+    losses = np.array(trained.losses)
+    assert len(losses) == 40 and losses[-5:].mean() < losses[:5].mean()
+    assert cached_model(s, root=tmp_path).cached
+    encoder = load_trained(trained)
+    assert encoder.image_size == 48 and encoder.encode_text(list(LABELS)).shape == (len(LABELS), 64)

@@ -62,8 +62,48 @@ class TrainSettings:
     def key(self) -> str:
         """Hash of everything that changes the checkpoint (settings, world version); names the cache folder."""
         settings = {k: v for k, v in asdict(self).items() if k != "threads"}
-        blob = json.dumps({"world": WORLD_VERSION, "settings": settings}, sort_keys=True)
+        blob = json.dumps({"world": self.world_version(), "settings": settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def world_version(self):
+        """Version of the generator whose images train this model (part of the cache key)."""
+        return WORLD_VERSION
+
+    def training_set(self, encoder):
+        """(batch(idx) → (b, 3, S, S) pixels, (N,) labels, captions per label) of single-concept tiles."""
+        import torch
+        from PIL import Image
+
+        images, labels = single_concept_set(self.seed, self.per_concept, 64)
+        pixels = encoder.preprocess([Image.fromarray(a) for a in images])  # the product's resize + normalise
+        return (lambda idx: pixels[idx]), torch.from_numpy(labels), [captions(name) for name in NAMES]
+
+
+@dataclass(frozen=True)
+class SceneSettings(TrainSettings):
+    """Scene world (issue 13): views of cluttered scenes labelled with their salient object or "clutter"."""
+
+    views: int = 10000  # training views (squash-resized to image_size, like a product crop)
+    views_per_scene: int = 12  # views cut from each generated scene
+    steps: int = 2400  # optimiser steps
+    batch_size: int = 64  # images per step
+    per_concept: int = 0  # unused (tile-world setting)
+
+    def world_version(self):
+        from bench.toyworld.scene import SCENE_VERSION
+
+        return {"tiles": WORLD_VERSION, "scene": SCENE_VERSION}
+
+    def training_set(self, encoder):
+        """(batch(idx) → (b, 3, S, S) pixels, (N,) labels, captions per label) of scene views."""
+        import torch
+
+        from bench.toyworld.scene import CLUTTER_CAPTIONS, training_views
+
+        arrays, labels = training_views(self.seed, self.views, self.image_size, self.views_per_scene,
+                                        resample=encoder._resample)
+        caps = [captions(name) for name in NAMES] + [list(CLUTTER_CAPTIONS)]
+        return (lambda idx: encoder._to_pixels(arrays[idx.numpy()])), torch.from_numpy(labels), caps
 
 
 @dataclass(frozen=True)
@@ -134,33 +174,29 @@ def train(settings: TrainSettings, out_dir: Path, log: Callable[[str], None] | N
     ckpt = save_checkpoint(encoder.model, out_dir / "model.safetensors")
     seconds = time.perf_counter() - t0
     (out_dir / "train.json").write_text(json.dumps({"settings": asdict(settings), "losses": losses,
-                                                    "seconds": seconds, "world_version": WORLD_VERSION}))
+                                                    "seconds": seconds, "world_version": settings.world_version()}))
     return TrainedModel(config_path, ckpt, tuple(losses), seconds, cached=False)
 
 
 def _fit(encoder, settings: TrainSettings, log) -> list[float]:
     import torch
-    from PIL import Image
 
     model = encoder.model.train()
     model.token_embedding.weight.requires_grad_(False)  # random fixed token vectors: saves ~3M Adam updates
-    images, labels = single_concept_set(settings.seed, settings.per_concept, 64)
-    pixels = encoder.preprocess([Image.fromarray(a) for a in images])  # the product's resize + normalise
-    img_labels = torch.from_numpy(labels)
-    caps = [captions(name) for name in NAMES]
-    tokens = [encoder.tokenizer(c) for c in caps]  # per concept: (n_k, context_length)
+    batch_of, img_labels, caps = settings.training_set(encoder)
+    tokens = [encoder.tokenizer(c) for c in caps]  # per label: (n_k, context_length)
 
     opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(settings.seed)
     k = settings.captions_per_concept
-    txt_labels = torch.arange(len(NAMES)).repeat_interleave(k)
+    txt_labels = torch.arange(len(caps)).repeat_interleave(k)
     losses = []
     for step in range(settings.steps):
         lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(pixels), (settings.batch_size,), generator=gen)
-        batch = pixels[idx]
+        idx = torch.randint(0, len(img_labels), (settings.batch_size,), generator=gen)
+        batch = batch_of(idx)
         flip = torch.rand(len(idx), generator=gen) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
         text = torch.cat([t[torch.randint(0, len(t), (k,), generator=gen)] for t in tokens])
@@ -219,5 +255,12 @@ def settings_for(quick: bool) -> TrainSettings:
     return TrainSettings()
 
 
-__all__ = ["TrainSettings", "TrainedModel", "train", "cached_model", "load_trained", "soft_infonce",
+__all__ = ["TrainSettings", "SceneSettings", "scene_settings_for", "TrainedModel", "train", "cached_model", "load_trained", "soft_infonce",
            "settings_for", "CACHE_ROOT"]
+
+
+def scene_settings_for(quick: bool) -> SceneSettings:
+    """The scene world's settings: full (about 5 min of training on 2 shared CPU cores) or quick (about 1 min)."""
+    if quick:
+        return SceneSettings(views=3000, steps=300, batch_size=64)
+    return SceneSettings()

@@ -21,14 +21,10 @@ from typing import Any
 from guardalign.config import DetectConfig, EncoderConfig
 from guardalign.commands.anchors_out import write_tuned_anchors  # noqa: F401 (re-exported)
 from guardalign.commands.calibrate_report import (  # noqa: F401 (re-exported)
-    MAX_SHOWN_ISSUES, MIN_PER_LABEL, fitted_for, print_report, small_sample_warnings,
+    MAX_SHOWN_ISSUES, MIN_PER_LABEL, check_method, fitted_for, print_report, small_sample_warnings,
 )
 from guardalign.detection.anchors_edit import tuned_yaml  # noqa: F401 (re-exported)
 from guardalign.errors import EXIT_OK, EXIT_UNREADABLE, ConfigError, InputError
-
-_GLOBAL_NO_YAML = ("the global method's θ is a scan flag, not an anchors field: drop -o and pass the printed θ "
-                   "to `guardalign scan --method global --theta X`")
-
 
 @dataclass(frozen=True)
 class LabelledItem:
@@ -118,8 +114,11 @@ def calibrate(
     pretrained: str = EncoderConfig.pretrained,
     method: str = DetectConfig.method,
     patches: str = DetectConfig.patches,
-    grid: int = DetectConfig.grid,
+    grid: int | None = DetectConfig.grid,
     stride: float = DetectConfig.stride,
+    scales: tuple[int, ...] | None = DetectConfig.scales,
+    budget: int = DetectConfig.budget,
+    dense_path: str = DetectConfig.dense_path,
     batch_size: int = DetectConfig.batch_size,
     device: str = EncoderConfig.device,
     bootstrap: int = 1000,
@@ -142,20 +141,15 @@ def calibrate(
     anchor_set = load_anchors(anchors_path)
     out_path = _check_out(out, anchors_path, overwrite)
     if from_scan is None:
-        DetectConfig(method=method, patches=patches, grid=grid, stride=stride, batch_size=batch_size).validate()
-        if method == "global" and out_path is not None:
-            raise ConfigError(_GLOBAL_NO_YAML)
-        if method == "global" and per_category:
-            raise ConfigError("--per-category needs the ot method: the global method applies one --theta to every "
-                              "category")
+        DetectConfig(method=method, patches=patches, grid=grid, stride=stride, batch_size=batch_size,
+                     scales=scales, budget=budget, dense_path=dense_path).validate()
+        check_method(method, out_path, per_category)  # fail before loading any model
     items, skipped = read_labelled(labelled, anchor_set.names)
     scored, method, fitted_for = _scores(items, skipped, anchor_set, from_scan, method, detector, progress,
                              dict(clip_model=clip_model, pretrained=pretrained, patches=patches, grid=grid,
-                                  stride=stride, batch_size=batch_size, device=device))
-    if method == "global" and out_path is not None:
-        raise ConfigError(_GLOBAL_NO_YAML)
-    if method == "global" and per_category:
-        raise ConfigError("--per-category needs the ot method: the global method applies one --theta to every category")
+                                  stride=stride, scales=scales, budget=budget, dense_path=dense_path,
+                                  batch_size=batch_size, device=device))
+    check_method(method, out_path, per_category)  # the method may come from --from-scan's records
     if not scored:
         shown = "; ".join(r for _, r in sorted(skipped)[:5])
         raise ConfigError(f"{labelled}: no usable labelled line ({len(skipped)} skipped): {shown}")

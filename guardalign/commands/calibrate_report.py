@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from guardalign.errors import ConfigError
+
 MAX_SHOWN_ISSUES = 20
 
 
@@ -106,3 +108,15 @@ def print_report(res: Any) -> None:
     elif res.method == "global":
         console.print(f"use it with: guardalign scan --method global --theta {res.chosen.threshold:.4g}",
                       markup=False, highlight=False)
+
+
+_GLOBAL_NO_YAML = ("the global method's θ is a scan flag, not an anchors field: drop -o and pass the printed θ "
+                   "to `guardalign scan --method global --theta X`")
+
+
+def check_method(method: str, out_path, per_category: bool) -> None:
+    """ConfigError when the global method is asked for what only the ot method gives (a YAML, per-category τ)."""
+    if method == "global" and out_path is not None:
+        raise ConfigError(_GLOBAL_NO_YAML)
+    if method == "global" and per_category:
+        raise ConfigError("--per-category needs the ot method: the global method applies one --theta to every category")

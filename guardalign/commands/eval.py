@@ -15,7 +15,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from guardalign.config import EncoderConfig
+from guardalign.config import DetectConfig, EncoderConfig
 from guardalign.errors import ConfigError
 from guardalign.pipeline.runner import RunSummary
 
@@ -43,8 +43,8 @@ def evaluate(
     anchors: str | None = None,
     clip_model: str = EncoderConfig.model,
     pretrained: str = EncoderConfig.pretrained,
-    patches: str = "grid",
-    grid: int = 3,
+    patches: str = DetectConfig.patches,
+    grid: int | None = DetectConfig.grid,
     tau: float | None = None,
     bootstrap: int = 1000,
     seed: int = 0,

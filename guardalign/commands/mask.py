@@ -57,8 +57,11 @@ def mask(
     pretrained: str = EncoderConfig.pretrained,
     method: str = DetectConfig.method,
     patches: str = DetectConfig.patches,
-    grid: int = DetectConfig.grid,
+    grid: int | None = DetectConfig.grid,
     stride: float = DetectConfig.stride,
+    scales: tuple[int, ...] | None = DetectConfig.scales,
+    budget: int = DetectConfig.budget,
+    dense_path: str = DetectConfig.dense_path,
     tau: float | None = None,
     theta: float = DetectConfig.theta,
     eps: float = DetectConfig.eps,
@@ -100,7 +103,7 @@ def mask(
     root = _check_out_dir(inputs, out_dir, force)
     overlay_root = _overlay_root(root, inputs, overlay, overlay_dir)
     cfg = DetectConfig(method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps,
-                       batch_size=batch_size).validate()
+                       batch_size=batch_size, scales=scales, budget=budget, dense_path=dense_path).validate()
     from dataclasses import asdict
 
     from guardalign.pipeline.ray_engine import engine_config

@@ -22,8 +22,11 @@ def scan(
     pretrained: str = EncoderConfig.pretrained,
     method: str = DetectConfig.method,
     patches: str = DetectConfig.patches,
-    grid: int = DetectConfig.grid,
+    grid: int | None = DetectConfig.grid,
     stride: float = DetectConfig.stride,
+    scales: tuple[int, ...] | None = DetectConfig.scales,
+    budget: int = DetectConfig.budget,
+    dense_path: str = DetectConfig.dense_path,
     tau: float | None = None,
     theta: float = DetectConfig.theta,
     eps: float = DetectConfig.eps,
@@ -68,7 +71,8 @@ def scan(
     format = _check_output(format, out, resume, overwrite, inputs) if ray_cfg is None else format
     gates = Gates(fail_on_unsafe, max_unsafe_rate).validate()
     cfg = DetectConfig(
-        method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps, batch_size=batch_size
+        method=method, patches=patches, grid=grid, stride=stride, tau=tau, theta=theta, eps=eps, batch_size=batch_size,
+        scales=scales, budget=budget, dense_path=dense_path,
     ).validate()
     if ray_cfg is not None:
         from guardalign.pipeline import ray_scan

@@ -2,9 +2,11 @@
 
 Two methods:
 
-- ``ot``: encode patches (``grid`` crops or ``dense`` value-path tokens), solve one entropic OT problem per
+- ``ot``: encode patches (``grid`` crops, ``search`` crops or ``dense`` tokens), solve one entropic OT problem per
   (image, category) in a single batched call, and flag patches whose normalised transport cost
-  ``d_i(m) ≤ τ_i`` (τ_i = 0 flags nothing).
+  ``d_i(m) ≤ τ_i`` (τ_i = 0 flags nothing). ``search`` scores the coarse grid windows first, then re-cuts the most suspicious ones
+  (lowest ``min_i d_i(m) − τ_i``) into smaller overlapping windows, within ``budget`` encodes per image;
+  the final OT runs over the coarse and the refined windows together.
 - ``global``: the ETA baseline: cosine of the whole-image embedding with each category mean, unsafe when
   ``cos ≥ θ``.
 """
@@ -42,7 +44,8 @@ class Detection:
     width: int = 0  # original width (after EXIF orientation)
     height: int = 0  # original height
     method: str = "ot"  # "ot" | "global"
-    patches: str = "grid"  # "grid" | "dense"
+    patches: str = "grid"  # "grid" | "search" | "dense"
+    encodes: int = 0  # image-tower forwards spent on this image (whole image + crops; 1 for dense and global)
     model: str = ""  # encoder provenance
     anchors_sha256: str = ""  # hash of the anchor set's content
 
@@ -162,10 +165,54 @@ class Detector:
             emb = self.encoder.encode_images(self.encoder.preprocess(images))
             return self.detect_global(emb, sizes)
         if cfg.patches == "dense":
-            batch = self.encoder.dense_patches(images)
+            batch = self.encoder.dense_patches(images, path=cfg.dense_path)
         else:
             batch = self.encoder.grid_patches(images, grid=cfg.grid, stride=cfg.stride, scales=cfg.scales)
+            if cfg.patches == "search":
+                batch = self.refine(images, batch)
         return self.detect_patches(batch, sizes)
+
+    def refine(self, images: list["Image.Image"], coarse: "PatchBatch") -> "PatchBatch":
+        """Search mode's second stage: re-cut the most suspicious coarse windows of each image.
+
+        ``coarse``: the grid layout's PatchBatch (B, M, D). Returns a PatchBatch (B, M + top·per, D) whose
+        first M patches are the coarse ones, followed by ``per`` windows of each of the ``top`` coarse windows
+        with the lowest margin ``min_i d_i(m) − τ_i`` (most suspicious first), ``(top, per) = config.search_plan()``.
+        """
+        import numpy as np
+        import torch
+
+        from guardalign.models.clip import PatchBatch
+        from guardalign.models.patches import refine_boxes
+
+        top, _ = self.config.search_plan()
+        if top == 0 or not images:
+            return coarse
+        margin = self._margins(coarse.patch_emb)  # (B, M)
+        order = margin.argsort(dim=1, stable=True)[:, :top].cpu().tolist()
+        boxes = [np.concatenate([refine_boxes(coarse.boxes[b][m], im.width, im.height, self.config.refine_scale)
+                                 for m in order[b]])
+                 for b, im in enumerate(images)]
+        fine = self.encoder.crop_patches(images, boxes).to(coarse.patch_emb.device)
+        return PatchBatch(coarse.global_emb, torch.cat([coarse.patch_emb, fine], dim=1),
+                          [np.concatenate([c, f]) for c, f in zip(coarse.boxes, boxes)], coarse.grid)
+
+    def _margins(self, patch_emb: "torch.Tensor") -> "torch.Tensor":
+        """(B, M, D) patches → (B, M) ``min_i d_i(m) − τ_i`` (≤ 0: unsafe), the decision margin of each patch."""
+        return (self._costs(patch_emb) - self._taus).min(dim=-1).values
+
+    def _costs(self, patch_emb: "torch.Tensor") -> "torch.Tensor":
+        """(B, M, D) patches → (B, M, C) decision costs: ``d_i(m)`` (or ``d_paper(m)`` for every i)."""
+        import torch
+
+        from guardalign.detection.transport import ot_patch_scores
+
+        cfg = self.config
+        x = patch_emb.to(device=self._z.device, dtype=torch.float32)
+        res = ot_patch_scores(x, self._z, self._owner, self._n_cat, self.encoder.logit_scale, eps=cfg.eps,
+                              patch_weighting=cfg.patch_weighting, variant_weighting=cfg.variant_weighting,
+                              max_iter=cfg.max_iter, tol=cfg.sinkhorn_tol)
+        return res.d if cfg.aggregate == "normalized" else res.d_paper.unsqueeze(-1).expand_as(res.d)
 
     # ------------------------------------------------------------------ scoring from embeddings
     def detect_global(self, emb: "torch.Tensor", sizes: Sequence[tuple[int, int]]) -> list[Detection]:
@@ -189,6 +236,7 @@ class Detector:
                     height=h,
                     method="global",
                     patches="none",  # the global method encodes the whole image only
+                    encodes=1,
                     **self.provenance,
                 )
             )
@@ -201,23 +249,7 @@ class Detector:
         """
         import torch
 
-        from guardalign.detection.transport import ot_patch_scores
-
-        cfg = self.config
-        x = batch.patch_emb.to(device=self._z.device, dtype=torch.float32)
-        res = ot_patch_scores(
-            x,
-            self._z,
-            self._owner,
-            self._n_cat,
-            self.encoder.logit_scale,
-            eps=cfg.eps,
-            patch_weighting=cfg.patch_weighting,
-            variant_weighting=cfg.variant_weighting,
-            max_iter=cfg.max_iter,
-            tol=cfg.sinkhorn_tol,
-        )
-        d = res.d if cfg.aggregate == "normalized" else res.d_paper.unsqueeze(-1).expand_as(res.d)  # (B, M, C)
+        d = self._costs(batch.patch_emb)  # (B, M, C)
         margin = d - self._taus  # (B, M, C): ≤ 0 means unsafe for that category
         # τ_i = 0 switches category i off: costs are ≥ 0 in exact arithmetic, but 1 − cos can round below 0.
         margin = torch.where(self._taus > 0, margin, margin.clamp_min(torch.finfo(margin.dtype).tiny))
@@ -255,5 +287,12 @@ class Detector:
             height=size[1],
             method="ot",
             patches=self.config.patches,
+            encodes=self._encodes(len(boxes)),
             **self.provenance,
         )
+
+    def _encodes(self, n_patches: int) -> int:
+        """Image-tower forwards behind ``n_patches`` patches of one image under this configuration."""
+        if self.config.patches == "dense":
+            return 1  # one forward pass gives every token
+        return 1 + n_patches  # the whole image and each window

@@ -4,8 +4,9 @@ Two ways to get patch embeddings (DESIGN §1.1 "Patches", §4 "Dense CLIP featur
 
 - ``grid_patches``: crop r×c windows of the original image (optionally overlapping, several scales),
   squash-resize each crop to the model's input size and encode all crops of all images in one batch.
-- ``dense_patches``: one forward pass; the last block's patch tokens go through the MaskCLIP value
-  path ``out_proj(v)`` (no residual, no FFN), then ``ln_post`` and ``proj``.
+- ``dense_patches``: one forward pass; the last block's patch tokens go through a dense path (MaskCLIP value
+  path ``out_proj(v)``, ClearCLIP q–q attention or SCLIP correlative attention), then ``ln_post`` and ``proj``;
+- ``crop_patches``: encode given pixel boxes of each image (the refinement stage of search mode).
 
 Both return pixel boxes in the original image (geometry: :mod:`guardalign.models.patches`). torch is imported at
 module level (the CLI imports this module lazily), open_clip inside functions.
@@ -29,16 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from guardalign.errors import ConfigError, ModelLoadError, warn
-from guardalign.models.patches import _value_path, dense_forward, dense_visual, grid_boxes, n_windows  # noqa: F401
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-_HOWTO = (
-    "\nTo use weights already on disk, point at them:\n"
-    "  --clip-model ViT-B-32 --pretrained /path/to/open_clip_pytorch_model.bin   (registry name + local checkpoint)\n"
-    "  --clip-model my-config.json --pretrained ckpt.safetensors               (open_clip model-config JSON + checkpoint)\n"
-    "(--pretrained none runs with random weights: scores are meaningless.)"
+from guardalign.models.clip_weights import (  # noqa: F401
+    HOWTO, PRECISIONS, quiet_logging, register_config_json, resolve_precision, resolve_weights, short_error,
 )
-
+from guardalign.models.patches import (  # noqa: F401
+    DENSE_PATHS, _value_path, dense_forward, dense_visual, grid_boxes, n_windows,
+)
 
 @dataclass(frozen=True)
 class PatchBatch:
@@ -46,93 +43,6 @@ class PatchBatch:
     patch_emb: torch.Tensor  # (B, M, D) float32, L2-normalised patch embeddings
     boxes: list  # B int arrays (M, 4): (x0, y0, x1, y1) pixel boxes in each ORIGINAL image, x1/y1 exclusive
     grid: tuple  # (rows, cols) of the primary grid (grid mode) or of the token grid (dense mode)
-
-
-def _short(exc: BaseException, limit: int = 240) -> str:
-    """One-line summary of an exception: its type and the first line of its message."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-_NOISY_LOGGERS = ("open_clip", "huggingface_hub", "timm", "root")
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """Silence open_clip/huggingface log lines while loading; failures become one ModelLoadError.
-
-    Only these libraries' loggers are raised for the block and restored after it (no ``logging.disable``).
-    """
-    loggers = [logging.getLogger(n) if n != "root" else logging.getLogger() for n in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-
-
-def _resolve_precision(precision: str, dev: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"invalid precision={precision!r}: expected one of {PRECISIONS}")
-    if precision != "fp32" and dev.type != "cuda":
-        warnings.warn(f"precision={precision} needs CUDA; keeping fp32 on {dev}", UserWarning, stacklevel=3)
-        return "fp32"
-    return precision
-
-
-def _register_config_json(path: Path) -> tuple[str, dict | None]:
-    """Register an open_clip model-config JSON under a content-hashed name; return (name, preprocess_cfg)."""
-    import open_clip
-
-    if not path.is_file():
-        raise ModelLoadError(f"model config {path} not found.{_HOWTO}")
-    try:
-        raw = path.read_bytes()
-        obj = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model config {path} is not readable JSON ({_short(exc)}).{_HOWTO}") from None
-    cfg = obj.get("model_cfg", obj) if isinstance(obj, dict) else None
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
-    if missing:
-        raise ModelLoadError(f"model config {path} lacks field(s) {missing}: expected an open_clip model config "
-                             f"with embed_dim, vision_cfg and text_cfg (optionally under model_cfg).")
-    name = "guardalign-" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-    if name not in open_clip.list_models():
-        with tempfile.TemporaryDirectory() as tmp:  # add_model_config keeps the parsed config after the file goes
-            file = Path(tmp) / f"{name}.json"
-            file.write_text(json.dumps(cfg))
-            open_clip.add_model_config(file)
-    return name, (obj.get("preprocess_cfg") if "model_cfg" in obj else None)
-
-
-def _resolve_weights(arch: str, label: str, pretrained: str) -> tuple[str | None, str, bool]:
-    """Map --pretrained to (value for open_clip, provenance suffix, quick_gelu of the tag)."""
-    import open_clip
-
-    if pretrained.lower() == "none":
-        warn(f"CLIP model {label} runs with RANDOM weights (--pretrained none): every score it produces is "
-             "meaningless; use it only for tests.")
-        return None, "none", False
-    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
-    if tag_cfg:
-        return pretrained, pretrained, bool(tag_cfg.get("quick_gelu", False))
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return str(path.resolve()), str(path.resolve()), False
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    if os.sep in pretrained or path.suffix in (".safetensors", ".pt", ".pth", ".bin", ".npz"):
-        what = f"checkpoint file {pretrained} not found"
-    elif tags:
-        what = f"{pretrained!r} is neither a checkpoint file nor a known tag for {label} (known tags: {', '.join(tags)})"
-    else:
-        what = f"{pretrained!r} is not an existing checkpoint file ({label} has no pretrained tags)"
-    raise ModelLoadError(f"Could not load CLIP weights: {what}.{_HOWTO}")
 
 
 def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", device: str = "auto",
@@ -159,7 +69,7 @@ def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", dev
     from guardalign.config import resolve_device
 
     dev = resolve_device(device)
-    prec = _resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev)
     pretrained = "none" if pretrained is None or str(pretrained).strip() == "" else str(pretrained).strip()
     model = str(model)
     preprocess_cfg = None
@@ -167,7 +77,7 @@ def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", dev
         arch, label, weights, suffix, quick = model, model, None, "", False
     else:
         if model.endswith(".json") or (Path(model).is_file() and model not in open_clip.list_models()):
-            arch, preprocess_cfg = _register_config_json(Path(model).expanduser())
+            arch, preprocess_cfg = register_config_json(Path(model).expanduser())
             label = Path(model).name
         else:
             arch = label = model.replace("/", "-")
@@ -175,12 +85,12 @@ def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", dev
                 close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
                 raise ModelLoadError(f"Unknown CLIP model {model!r} (not in open_clip's registry"
                                      f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}); "
-                                     f"pass a registry name or an open_clip model-config JSON.{_HOWTO}")
-        weights, suffix, quick = _resolve_weights(arch, label, pretrained)
+                                     f"pass a registry name or an open_clip model-config JSON.{HOWTO}")
+        weights, suffix, quick = resolve_weights(arch, label, pretrained)
     try:
         from guardalign.models.hub import offline_if_unreachable
 
-        with _quiet_logging(), warnings.catch_warnings(), offline_if_unreachable():
+        with quiet_logging(), warnings.catch_warnings(), offline_if_unreachable():
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")
             clip = open_clip.create_model(arch, pretrained=weights, precision=prec, device=dev,
                                           force_quick_gelu=quick, force_preprocess_cfg=preprocess_cfg,
@@ -194,9 +104,9 @@ def load_encoder(model: str = "ViT-B-32", pretrained: str | None = "openai", dev
             why = f"checkpoint {weights} is corrupt or does not match the architecture"
         else:
             why = "its config or weights could not be fetched or read" if not suffix else "the model could not be built"
-        detail = "" if "not in the local cache" in why else f" [{_short(exc)}]"
+        detail = "" if "not in the local cache" in why else f" [{short_error(exc)}]"
         raise ModelLoadError(f"Could not load CLIP model {label} with pretrained={pretrained!r}: {why}"
-                             f"{detail}.{_HOWTO}") from None
+                             f"{detail}.{HOWTO}") from None
     name = f"{label}:{suffix}" if suffix else label
     return ClipEncoder(clip, tokenizer, name=name, device=dev)
 
@@ -350,22 +260,35 @@ class ClipEncoder:
         emb = self._encode_arrays(arrays).view(len(boxes), per_image, self._dim())
         return PatchBatch(emb[:, 0], emb[:, 1:], boxes, (n_side, n_side))
 
+    def crop_patches(self, images: Sequence, boxes: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, K, D) normalised embeddings of the crops ``boxes[b]`` (K, 4) of each image (K equal for all)."""
+        counts = {len(b) for b in boxes}
+        if len(counts) > 1:
+            raise ValueError(f"every image needs the same number of boxes, got {sorted(counts)}")
+        k = counts.pop() if counts else 0
+        arrays = [self._resize(_rgb(image), box=tuple(int(v) for v in b))
+                  for image, bxs in zip(images, boxes) for b in bxs]
+        return self._encode_arrays(arrays).view(len(boxes), k, self._dim())
+
     def _dense_visual(self):
         """The ViT image tower, or ConfigError when dense patches cannot be computed for it."""
         return dense_visual(self.model.visual, self.name)
 
-    def _dense_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) → global (B, D) and value-path patch embeddings (B, gh·gw, D), normalised."""
-        return dense_forward(self._dense_visual(), pixels, self.device, self.dtype)
+    def _dense_forward(self, pixels: torch.Tensor, path: str = "maskclip") -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) → global (B, D) and dense patch embeddings (B, gh·gw, D) of ``path``, normalised."""
+        return dense_forward(self._dense_visual(), pixels, self.device, self.dtype, path)
 
-    def dense_patches(self, images: Sequence) -> PatchBatch:
-        """One forward per image batch: MaskCLIP value-path tokens as patches, CLS path as global view.
+    def dense_patches(self, images: Sequence, path: str = "maskclip") -> PatchBatch:
+        """One forward per image batch: dense tokens of ``path`` (one of DENSE_PATHS) as patches, the tower's
+        pooled output as global view.
 
         Returns
         -------
         PatchBatch with ``patch_emb`` (B, gh·gw, D) in row-major token order, ``grid`` = (gh, gw)
         and boxes mapping token (r, c) to rows ``r·H/gh .. (r+1)·H/gh`` of the original image.
         """
+        if path not in DENSE_PATHS:
+            raise ConfigError(f"invalid dense path {path!r}: expected one of {DENSE_PATHS}")
         visual = self._dense_visual()
         gh, gw = visual.grid_size
         arrays, boxes = [], []
@@ -375,7 +298,7 @@ class ClipEncoder:
             boxes.append(grid_boxes(image.width, image.height, gh, gw))
         glob, toks = [], []
         for i in range(0, len(arrays), self.max_batch):
-            g, t = self._dense_forward(self._to_pixels(arrays[i:i + self.max_batch]))
+            g, t = self._dense_forward(self._to_pixels(arrays[i:i + self.max_batch]), path)
             glob.append(g)
             toks.append(t)
         if not glob:

@@ -19,7 +19,7 @@ from cli.main import app
 RECORD_FIELDS = {
     "id", "source", "status", "error", "verdict", "score", "threshold", "category", "categories",
     "unsafe_patches", "boxes", "box_categories", "grid", "patch_scores", "patch_boxes", "width", "height",
-    "method", "patches", "model", "anchors_sha256", "sha256", "notes", "elapsed_s",
+    "method", "patches", "model", "anchors_sha256", "sha256", "notes", "elapsed_s", "encodes",
 }
 
 
@@ -52,6 +52,36 @@ def test_folder_to_jsonl_records(tmp_path, model_args):
         assert r["status"] == "ok" and r["verdict"] in ("safe", "unsafe") and r["method"] == "ot"
         assert r["sha256"] == hashlib.sha256((imgs / r["id"]).read_bytes()).hexdigest()
     assert res.stdout == ""  # data went to the file; stdout stays empty
+
+
+@pytest.mark.parametrize("flags,encodes,n_patches", [
+    (["--patches", "grid", "--grid", "3", "--scales", "2"], 14, 13),
+    (["--patches", "grid", "--grid", "2", "--stride", "0.5"], 10, 9),
+    (["--patches", "search", "--grid", "3", "--budget", "19"], 19, 18),
+    ([], 30, 29),  # the default: grid 5×5 + 2×2
+    (["--grid", "3"], 10, 9),  # a grid given alone means that grid only (no default extra scale)
+    (["--patches", "search"], 28, 27),  # search's own defaults: grid 3, budget 28 (2 windows re-cut into 9)
+    (["--patches", "search", "--grid", "2", "--stride", "0.5", "--budget", "30"], 28, 27),
+    (["--patches", "dense", "--dense-path", "sclip"], 1, 16),
+])
+def test_layout_flags_reach_the_records(tmp_path, model_args, flags, encodes, n_patches):
+    make_good_images(tmp_path / "imgs", n=2)
+    out = tmp_path / "scan.jsonl"
+    res = run([str(tmp_path / "imgs"), "--out", str(out), *model_args, *flags])
+    assert res.exit_code == 0, res.output
+    for r in lines(out):
+        mode = flags[flags.index("--patches") + 1] if "--patches" in flags else "grid"
+        assert r["patches"] == mode and r["encodes"] == encodes
+        assert len(r["patch_boxes"]) == n_patches
+
+
+@pytest.mark.parametrize("flags,needle", [(["--scales", "2,x"], "--scales"), (["--patches", "search", "--budget", "5"], "budget"),
+                                          (["--dense-path", "nope"], "dense_path")])
+def test_bad_layout_flags_exit_2_with_nothing_written(tmp_path, model_args, flags, needle):
+    make_good_images(tmp_path / "imgs", n=1)
+    out = tmp_path / "scan.jsonl"
+    res = CliRunner().invoke(app, ["scan", str(tmp_path / "imgs"), "--out", str(out), *model_args, *flags])
+    assert res.exit_code == 2 and needle in res.output and not out.exists()
 
 
 def test_stdout_carries_only_records_and_stdin_lists(tmp_path, model_args):

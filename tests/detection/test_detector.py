@@ -158,8 +158,9 @@ def test_tiny_clip_end_to_end_records(tiny_encoder, patches):
 
     anchors = load_anchors()
     images = _images()
-    all_unsafe = Detector(tiny_encoder, anchors, DetectConfig(patches=patches, tau=2.0, batch_size=2)).detect(images)
-    none_unsafe = Detector(tiny_encoder, anchors, DetectConfig(patches=patches, tau=1e-4, batch_size=2)).detect(images)
+    one = dict(patches=patches, scales=(), batch_size=2)  # one grid (5×5 by default): rec["grid"] counts the boxes
+    all_unsafe = Detector(tiny_encoder, anchors, DetectConfig(tau=2.0, **one)).detect(images)
+    none_unsafe = Detector(tiny_encoder, anchors, DetectConfig(tau=1e-4, **one)).detect(images)
     assert [d.verdict for d in all_unsafe] == ["unsafe"] * 3
     assert [d.verdict for d in none_unsafe] == ["safe"] * 3
     for det, im in zip(all_unsafe, images):

@@ -34,7 +34,7 @@ def full_record(i: int, **extra) -> dict:
         "patch_boxes": [[0, 0, 10, 10]], "width": 640, "height": 480, "method": "ot",
         "patches": "grid", "model": "ViT-B-32/openai", "anchors_sha256": "ab" * 32, "threshold": 0.75,
         "box_categories": ["violence", "sexual"], "notes": ["EXIF orientation applied"], "elapsed_s": 0.5,
-        "sha256": "cd" * 32, "image_column": "image", **extra,
+        "sha256": "cd" * 32, "image_column": "image", "encodes": 10, **extra,
     }
 
 

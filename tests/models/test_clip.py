@@ -215,9 +215,10 @@ def test_low_precision_model_gets_matching_pixels(tiny_clip_config, tiny_encoder
     """open_clip's bf16 cast keeps some tensors fp32; pixels must follow the conv weights (CPU stand-in for CUDA)."""
     import open_clip
 
-    from guardalign.models.clip import ClipEncoder, _register_config_json
+    from guardalign.models.clip import ClipEncoder
+    from guardalign.models.clip_weights import register_config_json
 
-    arch, _ = _register_config_json(tiny_clip_config)
+    arch, _ = register_config_json(tiny_clip_config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = open_clip.create_model(arch, precision="bf16", device="cpu")
