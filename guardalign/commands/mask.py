@@ -124,7 +124,7 @@ def mask(
     if detector is None and (index is None or mean is None or ray_cfg is not None):
         from guardalign.detection.detector import Detector
 
-        # --engine ray: this copy (CPU) only checks the options and gives settings; each actor builds its own
+        # --engine ray: this copy (CPU) checks the options and gives settings; CPU actors reuse it, GPU ones load
         detector = Detector.from_options(device=device if ray_cfg is None else "cpu", **options)
     elif detector is not None and ray_cfg is not None:
         raise ConfigError("engine='ray' builds a Detector in every actor from the model options; pass those, "
@@ -141,7 +141,7 @@ def mask(
         from guardalign.pipeline.ray_engine import actor_options
 
         options = actor_options(options, detector, device)
-        detector = None  # the driver's copy is let go before the run
+        detector = None  # the driver's copy now lives only in options (ray_engine.DriverDetector)
         summary = ray_mask.mask(
             list(inputs), root=root, settings=settings, options=options, index=index,
             batch_size=batch_size, stage_kwargs=dict(fill=fill, dilate=dilate, overlay=overlay_root,

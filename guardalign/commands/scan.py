@@ -84,7 +84,7 @@ def scan(
                        **_config_kwargs(cfg))
         from guardalign.pipeline.ray_engine import actor_options
 
-        checked = _validation_detector(options)  # loaded on CPU, checked and let go before the run
+        checked = _validation_detector(options)  # loaded on CPU: checks the options; CPU actors reuse it
         settings, options = checked.settings(), actor_options(options, checked, device)
         del checked
         summary = ray_scan.scan(
@@ -171,7 +171,8 @@ def _remove_output(out: str, format: str) -> None:
 
 
 def _validation_detector(options: dict[str, Any]):
-    """The driver's copy of a Ray run's detector (CPU): checks the options and gives the settings, before any actor."""
+    """The driver's copy of a Ray run's detector (CPU): checks the options and gives the settings before any actor
+    starts; CPU actors then take this copy rather than load their own (``ray_engine.actor_options``)."""
     from guardalign.detection.detector import Detector
 
     return Detector.from_options(device="cpu", **options)

@@ -80,12 +80,16 @@ def _declared(head: bytes) -> str | None:
     return None
 
 
-def sniff(head: bytes) -> Sniffed | None:
+def sniff(head: bytes, name: str | None = None) -> Sniffed | None:
     """The format the first bytes of a file declare, or None when they declare no known image format.
 
-    TGA has no magic number: a ``.tga`` is recognised by its extension only.
+    TGA has no magic number: it is recognised by the name the bytes were stored under (``name``: a file's path,
+    a tar member's name) ending in ``.tga``, when the bytes declare nothing else or declare CUR, whose signature
+    ``00 00 02 00`` is also how an uncompressed true-colour TGA (no ID, no colour map) starts.
     """
     fmt = _declared(head)
+    if fmt in (None, "CUR") and name is not None and name.lower().endswith(".tga"):
+        fmt = "TGA"
     if fmt is None:
         return None
     return Sniffed(fmt, fmt in ALLOWED_FORMATS, fmt not in NOT_RASTER)

@@ -1,7 +1,8 @@
 """Image decoding for scans: an allowed raster image → a fully loaded, upright RGB first frame.
 
 Only the raster formats of :data:`guardalign.io.formats.ALLOWED_FORMATS` are ever opened (never EPS, PS, PDF,
-ICNS, ...: Pillow would hand EPS to Ghostscript), told by the bytes, not the name; and the bomb guard checks
+ICNS, ...: Pillow would hand EPS to Ghostscript), told by the bytes, not the name (TGA, which has no magic bytes,
+is told by the name: a file's path, a tar member's name, :func:`item_name`); and the bomb guard checks
 the size of everything decoding may touch (every ICO entry, every TIFF frame) before any pixel is decoded.
 
 Every failure is an :class:`ImageDecodeError` whose message names the cause ("zero-byte file",
@@ -70,6 +71,7 @@ def decode_image(
     data: bytes | None = None,
     path: str | Path | None = None,
     max_pixels: int | None = None,
+    name: str | None = None,
 ) -> tuple[Image.Image, DecodeInfo]:
     """Decode one image from bytes or a file.
 
@@ -82,6 +84,8 @@ def decode_image(
     max_pixels : int, optional
         Refuse images with more pixels than this (default ``Image.MAX_IMAGE_PIXELS``). It can only
         lower Pillow's own guard, which stays in force.
+    name : str, optional
+        The name the bytes were stored under (default: ``path``); it tells only TGA (no magic bytes).
 
     Returns
     -------
@@ -101,11 +105,11 @@ def decode_image(
     if limit is None:  # someone disabled Pillow's guard globally; keep ours
         limit = 89_478_485
     if path is not None:
-        data = read_image_bytes(path)
+        data, name = read_image_bytes(path), str(path) if name is None else name
     elif len(data) == 0:
         raise ImageDecodeError("zero-byte image data")
     with io.BytesIO(data) as fp:
-        im = _open_image(fp, limit)
+        im = _open_image(fp, limit, name)
         with im:
             rgb, info = _decode_opened(im)
     return rgb, replace(info, sha256=hashlib.sha256(data).hexdigest())
@@ -163,21 +167,23 @@ def _bomb_message(pixels: int, limit: int) -> str:
     return f"decompression bomb: {pixels} pixels > limit {limit} (Pillow's guard)"
 
 
-def _open_image(fp, limit: int) -> Image.Image:
+def _open_image(fp, limit: int, name: str | None = None) -> Image.Image:
     """Read the header with the raster allow-list only; every frame's size is checked before any decoding.
 
     DecompressionBombWarning and DecompressionBombError both raise. A file whose bytes declare a format that
-    is not allowed (EPS, PDF, HEIC, ICNS, ...) is refused by name, whatever its extension.
+    is not allowed (EPS, PDF, HEIC, ICNS, ...) is refused by name, whatever its extension. A TGA (told by ``name``,
+    see :func:`~guardalign.io.formats.sniff`) is opened by the TGA plugin only.
     """
     head = fp.read(MAGIC_BYTES)
     fp.seek(0)
-    sniffed = sniff(head)
+    sniffed = sniff(head, name)
     if sniffed is not None and not sniffed.allowed:
         raise ImageDecodeError(not_allowed_message(sniffed.format))
+    formats = ("TGA",) if sniffed is not None and sniffed.format == "TGA" else _open_formats()
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp, formats=_open_formats())
+            im = Image.open(fp, formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
@@ -323,6 +329,12 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- streams
 
 
+def item_name(item: Item) -> str | None:
+    """The name an item's bytes were stored under, whatever the source: the file's path, the tar member's name
+    (``meta["member"]``), a file URI (``meta["name"]``); None for bytes with no name (a Parquet cell)."""
+    return str(item.path) if item.path is not None else item.meta.get("member") or item.meta.get("name")
+
+
 def _decode_item(item: Item, max_pixels: int | None) -> Decoded:
     """Decode one item; a file's bytes are read once and kept on the returned item (``item.data``), so
     whatever a consumer later copies or purifies is exactly what was scanned and hashed."""
@@ -331,7 +343,7 @@ def _decode_item(item: Item, max_pixels: int | None) -> Decoded:
     try:
         if item.data is None:
             item = replace(item, data=read_image_bytes(item.path))
-        image, info = decode_image(data=item.data, max_pixels=max_pixels)
+        image, info = decode_image(data=item.data, max_pixels=max_pixels, name=item_name(item))
     except ImageDecodeError as e:
         return Decoded(item, None, None, str(e))
     except Exception as e:  # a decoder plugin bug must cost one item, not the run

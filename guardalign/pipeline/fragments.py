@@ -317,7 +317,7 @@ def _uri_item(item_id: str, uri: str, meta: dict | None = None, source: str | No
         return Item(item_id, source or uri, error=f"cannot read {uri} ({exc})", meta=meta or {})
     if not data:
         return Item(item_id, source or uri, error="zero-byte file", meta=meta or {})
-    return Item(item_id, source or uri, data=data, meta=meta or {})
+    return Item(item_id, source or uri, data=data, meta={**(meta or {}), "name": uri})  # the name tells a TGA
 
 
 def _parquet_items(frag: Fragment, image_column: str | None, id_column: str | None) -> Iterator[Item]:

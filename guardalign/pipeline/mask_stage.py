@@ -351,13 +351,13 @@ def check_unchanged(item, rec: dict) -> tuple:
     import hashlib
     from dataclasses import replace
 
-    from guardalign.io.images import ImageDecodeError, decode_image, read_image_bytes
+    from guardalign.io.images import ImageDecodeError, decode_image, item_name, read_image_bytes
 
     image = info = None
     try:
         item = item if item.data is not None else replace(item, data=read_image_bytes(item.path))
         if rec.get("verdict") == "unsafe":
-            image, info = decode_image(data=item.data)
+            image, info = decode_image(data=item.data, name=item_name(item))
         digest = info.sha256 if info is not None else hashlib.sha256(item.data).hexdigest()
     except ImageDecodeError as exc:
         return item, None, None, str(exc)

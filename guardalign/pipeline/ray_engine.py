@@ -8,7 +8,8 @@ Dataflow (one Ray Data pipeline, streamed, with Ray's backpressure)::
 
 Each read task streams one fragment in blocks of decoded images (RGB pixels plus the DecodeInfo) and ends with a
 sentinel row that carries the fragment's item count. Actors hold one model each (a GPU each when the cluster has
-GPUs) and run exactly the local stage code, so records do not depend on the engine. The driver puts each record
+GPUs; CPU actors take the driver's copy from the object store rather than load their own) and run exactly the local
+stage code, so records do not depend on the engine. The driver puts each record
 at its position in its fragment's shard (:class:`~guardalign.pipeline.shards.ShardWriter`): a block re-run after
 a killed worker only repeats positions already taken, so every id is written once. Ray is imported lazily.
 """
@@ -57,12 +58,35 @@ def import_ray():
     return ray
 
 
+NICENESS = "RAY_worker_niceness"  # Ray's setting (read when a raylet starts) for the OS priority of its workers
+
+
+def init_ray(ray, address: str | None = None, **kwargs) -> None:
+    """``ray.init`` as the engine calls it: no dashboard, worker logs kept off the driver, Ray's logging at WARNING.
+
+    A Ray started here runs its workers at the priority of a local run (nice 0: Ray's default, 15, lets any other job
+    on the machine take the CPU from the model actors, never from a local run); ``$RAY_worker_niceness`` still wins,
+    and a cluster it connects to keeps its own. The environment is restored after the call."""
+    import logging
+
+    saved = os.environ.get(NICENESS)
+    os.environ.setdefault(NICENESS, "0")
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=False, **kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop(NICENESS, None)
+        else:
+            os.environ[NICENESS] = saved
+
+
 @contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
     """Connect to ``cfg.address`` / $RAY_ADDRESS / a cluster started on this machine with ``ray start``, or start a
-    local Ray for the run (Ray's own order; shut down after); a Ray already initialised in this process is used as
-    it is. Ray Data's own progress bars are turned off for the run
-    (guardalign shows its own on stderr) and restored afterwards."""
+    local Ray for the run (Ray's own order; shut down after; :func:`init_ray`); a Ray already initialised in this
+    process is used as it is. Ray Data's own progress bars are turned off for the run (guardalign shows its own on
+    stderr) and restored afterwards."""
     import logging
 
     ray = import_ray()
@@ -70,8 +94,7 @@ def ray_session(cfg: RayConfig) -> Iterator[Any]:
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS") or None
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                     configure_logging=False)
+            init_ray(ray, address)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"cannot connect to the Ray cluster at {address or 'a new local Ray'} ({exc})") from None
         started = True
@@ -167,7 +190,9 @@ def _torch_threads(concurrency: int, threads: int | None) -> None:
 
 
 class DetectActor:
-    """One model actor: builds ONE Detector from the run's options and runs DetectStage on each batch.
+    """One model actor: holds ONE Detector and runs DetectStage on each batch. The Detector is the driver's own, taken
+    from the object store (``detector``: a 1-tuple holding its ObjectRef) when the driver offered it, else built
+    from the run's options (GPU actors, or the driver's copy lost with its node).
 
     Each record leaves the actor encoded as its shard stores it (:func:`~guardalign.pipeline.shards.encode`, in
     ``fmt``) with the few fields the driver counts, so the driver only places and counts records. ``settings``
@@ -175,13 +200,13 @@ class DetectActor:
     start rather than write records that would claim them.
     """
 
-    def __init__(self, options: dict, fmt: str, settings: dict, concurrency: int = 1, threads: int | None = None):
-        from guardalign.detection.detector import Detector
+    def __init__(self, options: dict, fmt: str, settings: dict, concurrency: int = 1, threads: int | None = None,
+                 detector: tuple | None = None):
         from guardalign.pipeline.detect import DetectStage
         from guardalign.pipeline.runner import settings_diff
 
         _torch_threads(concurrency, threads)
-        self.stage = DetectStage(Detector.from_options(**options))
+        self.stage = DetectStage(_actor_detector(options, detector))
         self.fmt, self.settings = fmt, settings
         diff = settings_diff(settings, self.stage.settings())
         if diff:
@@ -207,6 +232,36 @@ class DetectActor:
         return pa.table(out)
 
 
+def _actor_detector(options: dict, offered: tuple | None):
+    """The driver's Detector when it was offered and can still be fetched, else one built from ``options``."""
+    if offered is not None:
+        import ray
+
+        try:
+            return ray.get(offered[0])
+        except Exception:  # its copy lost with a node (ObjectLostError, ...): load the model here instead
+            pass
+    from guardalign.detection.detector import Detector
+
+    return Detector.from_options(**options)
+
+
+class DriverDetector:
+    """The driver's own CPU Detector (loaded to check the options and give the settings), offered to the model actors
+    under ``options[OFFERED]``. :func:`pipeline` takes it once: CPU actors then unpickle it from the object store
+    instead of loading the model and encoding the anchor texts again; GPU actors build their own on their device."""
+
+    def __init__(self, detector):
+        self._detector = detector
+
+    def take(self):
+        detector, self._detector = self._detector, None
+        return detector
+
+
+OFFERED = "driver_detector"  # key of a DriverDetector in the options given to pipeline(); never a Detector option
+
+
 # ----------------------------------------------------------------------------- driver side
 
 
@@ -228,10 +283,18 @@ def pipeline(ray, todo: list[Fragment], actor: type, actor_kwargs: dict, cfg: Ra
                         fn_kwargs={"image_column": image_column, "id_column": id_column,
                                    "block_rows": cfg.block_rows})
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None
+    num_gpus = gpus(ray, cfg)
+    options = dict(actor_kwargs["options"])
+    offered = options.pop(OFFERED, None)
+    detector = offered.take() if offered is not None else None
+    # one copy in the object store whatever the number of actors; the driver lets its own go (a 1-tuple: Ray passes
+    # the reference itself, and a restarted actor fetches it again)
+    shared = (ray.put(detector),) if detector is not None and num_gpus == 0 else None
+    del detector
     return ds.map_batches(actor, batch_size=batch_size, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_cpus=1,
-                          num_gpus=gpus(ray, cfg),
-                          fn_constructor_kwargs={**actor_kwargs, "concurrency": cfg.concurrency, "threads": threads})
+                          compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_cpus=1, num_gpus=num_gpus,
+                          fn_constructor_kwargs={**actor_kwargs, "options": options, "detector": shared,
+                                                 "concurrency": cfg.concurrency, "threads": threads})
 
 
 def results(ds) -> Iterator[tuple[int, int, int, dict, str | None]]:
@@ -262,8 +325,11 @@ def engine_config(engine: str, *, ray_address: str | None, concurrency: int | No
 
 def actor_options(options: dict, detector, device: str) -> dict:
     """The options every actor builds its Detector from: the driver's loaded anchor set itself (so workers need no
-    anchors file), local model paths made absolute (a worker does not run in the driver's folder), ``device``."""
+    anchors file), local model paths made absolute (a worker does not run in the driver's folder), ``device``; and,
+    unless ``device`` asks for a GPU, the driver's (CPU) ``detector`` itself, offered to CPU actors (``OFFERED``)."""
     out = {**options, "anchors": detector.anchors, "device": device}
+    if device in ("cpu", "auto"):
+        out[OFFERED] = DriverDetector(detector)
     for key in ("clip_model", "pretrained"):
         value = out.get(key)
         if isinstance(value, str) and os.path.exists(value):

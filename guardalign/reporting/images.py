@@ -106,7 +106,7 @@ def load_verified(src: Any, sha256: Any, base_dir: Path, roots: list[Path], cach
             changed = True
             continue
         try:
-            return decode_image(data=data)[0], path
+            return decode_image(data=data, name=str(path))[0], path
         except ImageDecodeError as exc:
             raise NoImage(f"cannot decode image: {exc}") from None
     if changed:

@@ -194,3 +194,28 @@ def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
     assert big.stat().st_size > 1000
     with pytest.raises(ImageDecodeError, match="file too large"):
         decode_image(path=big)
+
+
+def _tga(rgb=(200, 30, 60), size=(6, 4)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format="TGA")  # uncompressed true colour: starts 00 00 02 00, as CUR does
+    return buf.getvalue()
+
+
+def test_a_tga_is_told_by_its_name_and_only_a_tga(tmp_path):
+    data = _tga()
+    assert data[:4] == b"\x00\x00\x02\x00"
+    with pytest.raises(ImageDecodeError, match="CUR images are not supported"):  # bytes alone: no name, no TGA
+        decode_image(data=data)
+    img, info = decode_image(data=data, name="shard.tar#dir/0001.TGA")
+    assert (info.format, img.size, img.getpixel((0, 0))) == ("TGA", (6, 4), (200, 30, 60))
+    (tmp_path / "a.tga").write_bytes(data)
+    assert decode_image(path=tmp_path / "a.tga")[1] == info  # a file's path is its name
+    # the name settles only what the bytes cannot: a PNG named .tga is a PNG, an EPS named .tga is refused
+    png = io.BytesIO()
+    Image.new("RGB", (3, 3)).save(png, format="PNG")
+    assert decode_image(data=png.getvalue(), name="x.tga")[1].format == "PNG"
+    with pytest.raises(ImageDecodeError, match="EPS is not a raster image"):
+        decode_image(data=b"%!PS-Adobe-3.0 EPSF-3.0\n", name="x.tga")
+    with pytest.raises(ImageDecodeError, match="not an image"):  # only the TGA plugin is tried, and it refuses
+        decode_image(data=b"\x00\x00\x02\x00" + b"\xff" * 40, name="x.tga")

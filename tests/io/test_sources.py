@@ -296,7 +296,7 @@ def test_decode_stream_preserves_order_and_bounds_in_flight(monkeypatch):
     lock, state = threading.Lock(), {"now": 0, "max": 0, "pulled": 0}
     rng = random.Random(0)
 
-    def fake_decode(data=None, path=None, max_pixels=None):
+    def fake_decode(data=None, path=None, max_pixels=None, name=None):
         with lock:
             state["now"] += 1
             state["max"] = max(state["max"], state["now"])
@@ -318,7 +318,7 @@ def test_decode_stream_preserves_order_and_bounds_in_flight(monkeypatch):
 
 
 def test_decode_stream_is_lazy_and_closes_cleanly(monkeypatch):
-    monkeypatch.setattr(imageio, "decode_image", lambda data=None, path=None, max_pixels=None: ("img", None))
+    monkeypatch.setattr(imageio, "decode_image", lambda data=None, path=None, max_pixels=None, name=None: ("img", None))
     state = {"pulled": 0}
     before = threading.active_count()
     gen = decode_stream(fake_items(10**9, state), workers=2, prefetch=8)  # effectively endless
@@ -332,7 +332,7 @@ def test_decode_stream_is_lazy_and_closes_cleanly(monkeypatch):
 
 
 def test_decode_stream_turns_unexpected_exceptions_into_item_errors(monkeypatch):
-    def boom(data=None, path=None, max_pixels=None):
+    def boom(data=None, path=None, max_pixels=None, name=None):
         raise MemoryError("out of memory")
 
     monkeypatch.setattr(imageio, "decode_image", boom)

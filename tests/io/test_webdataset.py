@@ -126,3 +126,19 @@ def test_not_a_tar_is_one_error_item(tmp_path):
     bad.write_bytes(b"this is not a tar file at all" * 40)
     items = list(tar_items(bad, "junk.tar"))
     assert len(items) == 1 and items[0].id == "junk.tar" and "tar" in items[0].error
+
+
+def test_a_tga_member_decodes_as_the_same_tga_in_a_folder(tmp_path):
+    """TGA has no magic bytes: a tar member is told by its name, as a folder's file is by its path."""
+    from guardalign.io.images import decode_stream
+
+    tga = image_bytes(3, "TGA", size=(40, 30))
+    write_tar(tmp_path / "s.tar", [("a.png", image_bytes(1)), ("c.tga", tga)])
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "c.tga").write_bytes(tga)
+    got = list(decode_stream(iter_items([str(tmp_path / "s.tar"), str(tmp_path / "dir")]), workers=1))
+    assert [d.item.id for d in got[:2]] == ["s.tar#a", "s.tar#c"] and got[2].item.id.endswith("dir/c.tga")
+    member, file = got[1], got[2]
+    assert member.error is None and file.error is None
+    assert member.info == file.info and (member.info.format, member.info.width, member.info.height) == ("TGA", 40, 30)
+    assert member.image.tobytes() == file.image.tobytes()

@@ -35,7 +35,8 @@ def data(tmp_path_factory):
     (d / "imgs" / "bad.png").write_bytes(b"not an image")
     image_parquet(d / "p.parquet", 5, group=2)
     good_shard(d / "shards" / "a.tar", n=3)
-    write_tar(d / "shards" / "b.tar", [("x.png", image_bytes(7)), ("y.png", image_bytes(8)), ("x.json", b"{}")])
+    write_tar(d / "shards" / "b.tar", [("x.png", image_bytes(7)), ("y.png", image_bytes(8)), ("x.json", b"{}"),
+                                       ("z.tga", image_bytes(9, "TGA", size=(40, 30)))])  # TGA: told by its name
     return d
 
 
@@ -66,6 +67,8 @@ def test_ray_and_local_records_are_identical(runs):
     merged = list(read_records(tmp / "merged.parquet"))
     assert plain(merged, "file://") == plain(local)  # same ids, order, verdicts, scores, errors and settings
     assert any(r["status"] == "error" and "not grouped by key" in r["error"] for r in merged)
+    tga = next(r for r in merged if r["id"].endswith("b.tar#z"))  # no magic bytes (its header reads as CUR)
+    assert (tga["status"], tga["width"], tga["height"]) == ("ok", 40, 30)
     assert sum(r["source"].startswith("file://") for r in merged) == 5  # the URI input was read through pyarrow
     a, b = runs["local"], runs["ray"]
     assert (b.total, b.ok, b.errors, b.unsafe, dict(b.by_category)) == (a.total, a.ok, a.errors, a.unsafe,
@@ -128,7 +131,9 @@ def _processes(word: str) -> list[tuple[int, str]]:
 
 
 def test_a_killed_worker_still_gives_every_id_exactly_once(ray_cluster, flags, tmp_path):
-    shards = [good_shard(tmp_path / "in" / f"s{k}.tar", n=6, start=10 * k, sidecars=False) for k in range(6)]
+    # enough work after the first fragment for the kill to land mid-run even on a fast machine: 8 shards of 12
+    # images, 26 windows each (--stride 0.5)
+    shards = [good_shard(tmp_path / "in" / f"s{k}.tar", n=12, start=20 * k, sidecars=False) for k in range(8)]
     inputs = [str(p) for p in shards]
     out = tmp_path / "out"
     killed: list[tuple[str, int]] = []  # (process title, fragments finished when it was killed)
@@ -148,6 +153,7 @@ def test_a_killed_worker_still_gives_every_id_exactly_once(ray_cluster, flags, t
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
+    flags = {**flags, "stride": 0.5}
     s = scan(inputs, out=str(out), engine="ray", format="jsonl", merge=str(tmp_path / "all.jsonl"), **flags)
     thread.join(timeout=5)
     assert killed and killed[0][1] < len(shards), f"no worker was killed mid-run: {killed}"
@@ -155,8 +161,8 @@ def test_a_killed_worker_still_gives_every_id_exactly_once(ray_cluster, flags, t
     assert any("DetectActor" in cmd and "read_decode" not in cmd for cmd, _ in killed), killed
     ids = [r["id"] for r in read_records(tmp_path / "all.jsonl")]
     want = [i.id for i in iter_items(inputs)]
-    assert ids == want and len(set(ids)) == len(ids) == 36  # every id once, in input order
-    assert (s.total, s.errors, s.exit_code) == (36, 0, 0)
+    assert ids == want and len(set(ids)) == len(ids) == 96  # every id once, in input order
+    assert (s.total, s.errors, s.exit_code) == (96, 0, 0)
     local = scan(inputs, out=str(tmp_path / "local.jsonl"), **flags)  # and JSONL shards match a local run too
     assert plain(read_records(tmp_path / "all.jsonl")) == plain(read_records(tmp_path / "local.jsonl"))
-    assert local.total == 36
+    assert local.total == 96

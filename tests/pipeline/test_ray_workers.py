@@ -62,3 +62,46 @@ def test_a_fragment_of_files_streams_in_blocks(tmp_path, options):
     batch = pa.table({"frag": [0], "fragment": [json.dumps(frags[0].to_dict())]})
     sizes = [b.num_rows for b in read_decode(batch, image_column=None, id_column=None, block_rows=2)]
     assert sizes == [2, 2, 2]  # blocks of 2 decoded items; the last one carries the sentinel
+
+
+@pytest.mark.slow
+def test_cpu_actors_take_the_drivers_detector_rather_than_load_their_own(ray_cluster, options):
+    """The driver's copy travels through the object store once; an actor that cannot fetch it loads the model."""
+    import torch
+
+    from guardalign.detection.detector import Detector
+    from guardalign.pipeline.ray_engine import OFFERED, actor_options
+
+    driver = Detector.from_options(**options)
+    with torch.no_grad():
+        driver.encoder.model.visual.proj.mul_(2.0)  # a mark no freshly loaded model has
+    assert OFFERED not in actor_options(options, driver, "cuda")  # a GPU actor loads on its own device
+    offered = actor_options(options, driver, "cpu")
+    built = {k: v for k, v in offered.items() if k != OFFERED}
+    ref = ray_cluster.put(offered[OFFERED].take())
+    assert offered[OFFERED].take() is None  # taken once: the driver keeps no reference
+    mark = driver.encoder.model.visual.proj
+    actor = DetectActor(built, "jsonl", settings=driver.settings(), detector=(ref,))
+    assert torch.equal(actor.stage.detector.encoder.model.visual.proj, mark)
+    fallback = DetectActor(built, "jsonl", settings=driver.settings(), detector=(None,))  # nothing to fetch
+    assert torch.equal(fallback.stage.detector.encoder.model.visual.proj * 2.0, mark)
+
+
+def test_a_ray_started_for_the_run_runs_its_workers_at_a_local_runs_priority(monkeypatch):
+    """Ray's default worker niceness (15) would let any other job take the CPU from the actors, not from a local run."""
+    import os
+
+    from guardalign.pipeline.ray_engine import NICENESS, init_ray
+
+    seen = []
+
+    class FakeRay:
+        def init(self, **kwargs):
+            seen.append((os.environ.get(NICENESS), kwargs["address"], kwargs["include_dashboard"], kwargs["num_cpus"]))
+
+    monkeypatch.delenv(NICENESS, raising=False)
+    init_ray(FakeRay(), None, num_cpus=2)
+    assert seen[-1] == ("0", None, False, 2) and NICENESS not in os.environ  # set for the raylet's start only
+    monkeypatch.setenv(NICENESS, "7")  # the user's own setting wins, and stays
+    init_ray(FakeRay(), "head:6379", num_cpus=1)
+    assert seen[-1] == ("7", "head:6379", False, 1) and os.environ[NICENESS] == "7"
