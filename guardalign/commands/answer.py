@@ -188,19 +188,13 @@ def _as_item(p: PromptItem):
 
 def _check_flags(calibration, gamma, layers, prefix_at, max_new_tokens, out, resume):
     """Validate the flags that need no model; return the CalibrationSpec. ConfigError names the flag."""
-    from guardalign.attention.calibration import CalibrationSpec, parse_layers
     from guardalign.models.lvlm import PREFIX_PLACEMENTS
 
     if prefix_at not in PREFIX_PLACEMENTS:
         raise ConfigError(f"invalid --prefix-at {prefix_at!r}: expected one of {', '.join(PREFIX_PLACEMENTS)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"invalid --max-new-tokens {max_new_tokens!r}: expected a positive integer")
-    span = parse_layers(layers) if isinstance(layers, str) else (tuple(layers) if layers is not None else None)
-    spec = CalibrationSpec(mode=calibration, gamma=gamma, layers=span).validate()
-    if str(out) == "-" and resume:
-        raise ConfigError("--resume needs an output file, not stdout")
-    if not resume and str(out) != "-" and Path(out).exists() and Path(out).stat().st_size > 0:
-        raise ConfigError(f"{out} exists; pass --resume to continue it or choose another --out")
+    spec = calibration_and_out(calibration, gamma, layers, out, resume)
     return spec
 
 
@@ -333,3 +327,17 @@ def _cells(s: dict, judged: bool) -> list[str]:
 
     return [str(s["answered"]), rate(s["refused"], s["answered"]),
             rate(s["judge_unsafe"], s["judged"]) if judged else "–", str(s["purified"])]
+
+
+def calibration_and_out(calibration, gamma, layers, out, resume: bool):
+    """The validated CalibrationSpec of answer/probe flags; ConfigError for a resume to stdout or an output
+    that already holds records without --resume (shared by answer and probe)."""
+    from guardalign.attention.calibration import CalibrationSpec, parse_layers
+
+    span = parse_layers(layers) if isinstance(layers, str) else (tuple(layers) if layers is not None else None)
+    spec = CalibrationSpec(mode=calibration, gamma=gamma, layers=span).validate()
+    if str(out) == "-" and resume:
+        raise ConfigError("--resume needs an output file, not stdout")
+    if not resume and str(out) != "-" and Path(out).exists() and Path(out).stat().st_size > 0:
+        raise ConfigError(f"{out} exists; pass --resume to continue it or choose another --out")
+    return spec

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from guardalign.commands.answer import calibration_and_out
 from guardalign.config import EncoderConfig
 from guardalign.errors import ConfigError
 from guardalign.pipeline.runner import RunSummary
@@ -121,7 +122,6 @@ def _pool_add(pool, check, record: dict) -> None:
 def _check_flags(format, prompt, template, defences, lens, top_k, prefix_at, calibration, gamma, layers, batch_size,
                  out, resume):
     """Validate the flags that need no model; return (defences, CalibrationSpec). ConfigError names the flag."""
-    from guardalign.attention.calibration import CalibrationSpec, parse_layers
     from guardalign.attention.probe import LENSES
     from guardalign.io.pairs import INPUT_FORMATS
     from guardalign.models.lvlm import PREFIX_PLACEMENTS
@@ -139,12 +139,7 @@ def _check_flags(format, prompt, template, defences, lens, top_k, prefix_at, cal
             raise ConfigError(f"invalid {flag} {value!r}: expected a positive integer")
     if prefix_at not in PREFIX_PLACEMENTS:
         raise ConfigError(f"invalid --prefix-at {prefix_at!r}: expected one of {', '.join(PREFIX_PLACEMENTS)}")
-    span = parse_layers(layers) if isinstance(layers, str) else (tuple(layers) if layers is not None else None)
-    spec = CalibrationSpec(mode=calibration, gamma=gamma, layers=span).validate()
-    if str(out) == "-" and resume:
-        raise ConfigError("--resume needs an output file, not stdout")
-    if not resume and str(out) != "-" and Path(out).exists() and Path(out).stat().st_size > 0:
-        raise ConfigError(f"{out} exists; pass --resume to continue it or choose another --out")
+    spec = calibration_and_out(calibration, gamma, layers, out, resume)
     return parse_defences(defences), spec
 
 
